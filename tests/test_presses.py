@@ -21,7 +21,6 @@ def make_inputs(batch=1, heads=4, kv_heads=2, seq=20, dim=8, is_real=None, seed=
         values=torch.randn(batch, kv_heads, seq, dim, generator=gen),
         is_real=torch.ones(batch, seq, dtype=torch.bool) if is_real is None else is_real,
         scaling=1 / math.sqrt(dim),
-        state={},
     )
 
 

@@ -59,7 +59,6 @@ def modalkv_attention(
             values=value,
             is_real=real_tokens(attention_mask, key),
             scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
-            state=layer.cache.press_state,
         )
         indices, lengths = layer.cache.press.select(inputs)
         layer.store_prefill(key, value, indices, lengths)
@@ -92,12 +91,12 @@ def ragged_attention(layer: CompressedLayer, query: torch.Tensor, scaling: float
     kv_heads = layer.num_kv_heads
     groups = num_heads // kv_heads
     row_queries = query.reshape(batch * kv_heads, 1, groups * q, dim)
-    query_columns = torch.arange(start_column, start_column + q, device=query.device)
     output = None if len(layer.blocks) == 1 else row_queries.new_empty(row_queries.shape)
     for block in layer.blocks:
         length = block.max_length
         mask = None
         if q > 1:  # new tokens attend causally among themselves; everything stored earlier is in their past
+            query_columns = torch.arange(start_column, start_column + q, device=query.device, dtype=torch.int32)
             mask = block.columns[:, None, :length] <= query_columns[:, None]  # [n, q, L]
             mask = mask[:, None].expand(-1, groups, -1, -1).reshape(len(block.rows), 1, groups * q, length)
         if block.min_length < length:

@@ -99,13 +99,13 @@ class _Block:
             end = self.max_length + q
             self.keys[:, self.max_length : end] = keys
             self.values[:, self.max_length : end] = values
-            self.columns[:, self.max_length : end] = columns.to(torch.int32)
+            self.columns[:, self.max_length : end] = columns
         else:
             slots = self.lengths[:, None] + torch.arange(q, device=keys.device)  # [n, q]
             index = torch.arange(len(self.rows), device=keys.device)[:, None]
             self.keys[index, slots] = keys
             self.values[index, slots] = values
-            self.columns[index, slots] = columns.to(torch.int32)
+            self.columns[index, slots] = columns
         self.lengths += q
         self.max_length += q
         self.min_length += q
@@ -203,7 +203,7 @@ class CompressedLayer(CacheLayerMixin):
         batch, heads, q, dim = keys.shape
         flat_keys = keys.reshape(batch * heads, q, dim)
         flat_values = values.reshape(batch * heads, q, dim)
-        columns = torch.arange(start_column, start_column + q, device=keys.device)
+        columns = torch.arange(start_column, start_column + q, device=keys.device, dtype=torch.int32)
         for block in self.blocks:
             if block.covers_all_rows:
                 block.append(flat_keys, flat_values, columns)
@@ -312,7 +312,6 @@ class CompressedCache(Cache):
     def __init__(self, press: Press):
         super().__init__(layers=[])
         self.press = press
-        self.press_state: dict = {}  # scratch space for presses that carry state across layers (e.g. budgets)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

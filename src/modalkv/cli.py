@@ -64,7 +64,7 @@ def make_press(method: str, budget: str, params: list[str] | None):
     try:
         return get_press(method, budget=parse_budget(budget), **parse_params(params))
     except TypeError as error:  # an unknown keyword for this press's dataclass
-        raise ValueError(f"{method} does not take that parameter ({error})") from None
+        raise ValueError(f"{method} does not take that parameter: {error}") from None
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -72,8 +72,11 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise typer.BadParameter("give exactly one of --prompt and --prompt-file")
     if prompt_file is not None:
         if not prompt_file.is_file():
-            raise typer.BadParameter(f"prompt file not found: {prompt_file}")
-        return prompt_file.read_text(encoding="utf-8")
+            raise typer.BadParameter(f"prompt file not found (or not a file): {prompt_file}")
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise typer.BadParameter(f"prompt file {prompt_file} is not UTF-8 text ({error.reason})") from None
     return prompt
 
 

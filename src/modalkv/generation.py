@@ -47,7 +47,7 @@ class GenerationResult:
     full_cache_bytes: int  # what an uncompressed cache would hold for the same tokens
     allocated_bytes: int  # bytes the storage allocated (kept + documented slack)
     prefill_seconds: float
-    decode_ms_per_token: float  # median over decoded tokens; NaN with fewer than 2 new tokens
+    decode_ms_per_token: float | None  # median over decoded tokens; None with fewer than 2 new tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,5 +88,5 @@ def generate_timed(
         full_cache_bytes=cache.full_cache_bytes(),
         allocated_bytes=cache.allocated_bytes(),
         prefill_seconds=clock.times[0] - start,
-        decode_ms_per_token=1000 * statistics.median(steps) if steps else float("nan"),
+        decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, get_type_hints
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ class PrefillInputs:
     values: torch.Tensor  # [B, H_kv, S, D]
     is_real: torch.Tensor  # [B, S] bool, False for padding
     scaling: float
-    state: dict  # per-cache scratch space shared by all layers (budgets carried from layer to layer)
 
     @property
     def num_layers(self) -> int:
@@ -68,6 +67,12 @@ class Press:
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        for name, kind in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if kind in (int, str) and (type(value) is not kind):
+                raise ValueError(f"{self.name}: {name} must be {kind.__name__}, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{self.name}: {name} must be a number, got {value!r}")
 
     def label(self) -> str:
         """The method name with the parameters that differ from their defaults, e.g. 'snapkv(pooling=max)'."""

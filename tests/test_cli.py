@@ -1,0 +1,258 @@
+"""The `modalkv` command line through typer's CliRunner, on the real embedded model."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modalkv import cli, load_model
+from modalkv.eval.passkey import passkey_example
+
+# click >= 8.2 always captures stderr apart: result.stdout holds only what the command prints (the JSON),
+# result.stderr the error messages, result.output both interleaved.
+runner = CliRunner()
+
+JSON_KEYS = {
+    "text",
+    "method",
+    "budget",
+    "prompt_tokens",
+    "generated_tokens",
+    "cache_bytes",
+    "full_cache_bytes",
+    "allocated_bytes",
+    "prefill_seconds",
+    "decode_ms_per_token",
+}
+
+_loaded: dict = {}
+
+
+def _load_once(name_or_path=cli.DEFAULT_MODEL, **kwargs):
+    """The real load_model, memoised so that each CLI call does not reload the weights."""
+    key = (name_or_path, *sorted(kwargs.items()))
+    if key not in _loaded:
+        _loaded[key] = load_model(name_or_path, **kwargs)
+    return _loaded[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _memoised_model():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "load_model", _load_once)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _load_once()[1]
+
+
+@pytest.fixture(scope="module")
+def passkey_file(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "passkey.txt"
+    path.write_text(passkey_example(tokenizer, 600, depth=0.5, seed=3).text, encoding="utf-8")
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, [str(arg) for arg in args])
+
+
+def message(result) -> str:
+    """stderr with rich's panel borders and line wrapping removed."""
+    text = result.stderr
+    for char in "│╭╮╰╯─":
+        text = text.replace(char, " ")
+    return " ".join(text.split())
+
+
+def assert_fails(result, *fragments: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a handled error, not a traceback
+    for fragment in fragments:
+        assert fragment in message(result), result.output
+
+
+def kept_positions(passkey_file: Path, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "kept.json"
+    result = invoke("inspect", "--dump-kept", out, "--prompt-file", passkey_file, "--raw", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def snapkv_kept(passkey_file, tmp_path_factory) -> dict:
+    return kept_positions(passkey_file, tmp_path_factory.mktemp("kept"), "--method", "snapkv", "--budget", "0.2")
+
+
+# ---------------------------------------------------------------- generate
+
+
+@pytest.mark.slow
+def test_generate_json_snapkv(passkey_file: Path, tokenizer) -> None:
+    result = invoke(
+        "generate", "--json", "--method", "snapkv", "--budget", "0.2", "--raw",
+        "--prompt-file", passkey_file, "--max-new-tokens", "6",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    record = json.loads(lines[0])
+    assert set(record) == JSON_KEYS
+    raw_length = len(tokenizer(passkey_file.read_text(encoding="utf-8"), add_special_tokens=False).input_ids)
+    assert 550 <= raw_length <= 650
+    assert record["prompt_tokens"] == raw_length
+    assert record["method"] == "snapkv"
+    assert record["budget"] == 0.2
+    assert 1 <= record["generated_tokens"] <= 6
+    assert isinstance(record["text"], str)
+    assert 0 < record["cache_bytes"] / record["full_cache_bytes"] <= 0.22
+    assert record["prefill_seconds"] > 0
+    assert math.isfinite(record["decode_ms_per_token"]) or record["generated_tokens"] < 2
+
+
+@pytest.mark.slow
+def test_raw_skips_the_chat_template(tokenizer) -> None:
+    text = "What is the capital of France?"
+    counts = {}
+    for flag in ("--raw", "--no-raw"):
+        result = invoke("generate", "--json", "--prompt", text, "--max-new-tokens", "1", flag)
+        assert result.exit_code == 0, result.output
+        counts[flag] = json.loads(result.stdout)["prompt_tokens"]
+    assert counts["--raw"] == len(tokenizer(text, add_special_tokens=False).input_ids)
+    assert counts["--no-raw"] > counts["--raw"]
+
+
+@pytest.mark.slow
+def test_method_params_are_passed(passkey_file: Path, tmp_path: Path, snapkv_kept: dict) -> None:
+    args = ("--method", "snapkv", "--budget", "0.2", "-p", "pooling=max", "-p", "kernel_size=7")
+    record = kept_positions(passkey_file, tmp_path, *args)
+    assert record["prompt_tokens"] == snapkv_kept["prompt_tokens"]
+    assert record["layers"] != snapkv_kept["layers"]  # max pooling over 7 chooses other tokens than avg over 5
+    result = invoke("generate", "--prompt", "Hi", "--max-new-tokens", "1", *args)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("param", "fragments"),
+    [
+        ("nonsense=1", ["snapkv does not take that parameter", "nonsense"]),
+        ("novalue", ["KEY=VALUE", "'novalue'"]),
+        ("=1", ["KEY=VALUE"]),
+        ("pooling=median", ["pooling must be 'avg' or 'max'", "median"]),
+        ("kernel_size=4", ["kernel_size must be a positive odd number", "4"]),
+        ("kernel_size=7.0", ["kernel_size must be int", "7.0"]),
+        ("window_size=abc", ["window_size must be int", "'abc'"]),
+    ],
+)
+def test_bad_method_params(param: str, fragments: list[str]) -> None:
+    result = invoke("generate", "--method", "snapkv", "--budget", "0.2", "-p", param, "--prompt", "Hi")
+    assert_fails(result, *fragments)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+@pytest.mark.slow
+def test_inspect_snapkv_dump(snapkv_kept: dict) -> None:
+    assert snapkv_kept["method"] == "snapkv"
+    assert snapkv_kept["budget"] == 0.2
+    n = snapkv_kept["prompt_tokens"]
+    assert 550 <= n <= 650
+    layers = snapkv_kept["layers"]
+    assert len(layers) == 30
+    for heads in layers:
+        assert len(heads) == 3
+        for kept in heads:
+            assert len(kept) == math.floor(0.2 * n)
+            assert kept == sorted(set(kept))
+            assert kept[0] >= 0 and kept[-1] < n
+            assert kept[-1] == n - 1  # the observation window is always kept
+    assert len({tuple(kept) for heads in layers for kept in heads}) > 1  # heads choose differently
+
+
+@pytest.mark.slow
+def test_inspect_full_keeps_everything(passkey_file: Path, tmp_path: Path) -> None:
+    record = kept_positions(passkey_file, tmp_path, "--method", "full")
+    assert record["method"] == "full"
+    assert record["budget"] == 1.0
+    everything = list(range(record["prompt_tokens"]))
+    assert len(record["layers"]) == 30
+    assert all(heads == [everything] * 3 for heads in record["layers"])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("budget", "fragments"),
+    [
+        ("0", ["budget must be a ratio in (0, 1]", "got 0"]),
+        ("-1", ["budget must be a ratio in (0, 1]", "got -1"]),
+        ("1.5", ["budget must be a ratio in (0, 1]", "got 1.5"]),
+        ("abc", ["budget must be a number", "'abc'"]),
+    ],
+)
+def test_bad_budget(budget: str, fragments: list[str]) -> None:
+    result = invoke("generate", "--method", "snapkv", "--budget", budget, "--prompt", "Hi")
+    assert_fails(result, *fragments)
+
+
+def test_unknown_method() -> None:
+    result = invoke("generate", "--method", "h2o_magic", "--prompt", "Hi")
+    assert_fails(result, "unknown method 'h2o_magic'", "snapkv", "streaming_llm")
+
+
+def test_missing_prompt_file(tmp_path: Path) -> None:
+    result = invoke("generate", "--prompt-file", tmp_path / "absent.txt")
+    assert_fails(result, "prompt file not found", "absent.txt")
+
+
+def test_prompt_file_must_be_utf8_text(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00")
+    assert_fails(invoke("generate", "--prompt-file", bad), "is not UTF-8 text")
+    assert_fails(invoke("generate", "--prompt-file", tmp_path), "not a file")
+
+
+@pytest.mark.slow
+def test_json_with_one_new_token_is_valid_json() -> None:
+    result = invoke("generate", "--prompt", "Hi", "--max-new-tokens", "1", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert record["generated_tokens"] == 1 and record["decode_ms_per_token"] is None
+
+
+@pytest.mark.parametrize("command", ["generate", "inspect"])
+def test_prompt_and_prompt_file_are_exclusive(command: str, tmp_path: Path) -> None:
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Hi", encoding="utf-8")
+    dump = ["--dump-kept", tmp_path / "kept.json"] if command == "inspect" else []
+    both = invoke(command, *dump, "--prompt", "Hi", "--prompt-file", prompt_file)
+    assert_fails(both, "exactly one of --prompt and --prompt-file")
+    neither = invoke(command, *dump)
+    assert_fails(neither, "exactly one of --prompt and --prompt-file")
+    assert not (tmp_path / "kept.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("raw", ["--raw", "--no-raw"])
+def test_empty_prompt(raw: str) -> None:
+    result = invoke("generate", "--prompt", " \n\t ", raw)
+    assert_fails(result, "the prompt is empty")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["generate", "inspect"])
+def test_prompt_longer_than_the_model(command: str, tmp_path: Path, tokenizer) -> None:
+    text = "apple " * 9000
+    assert len(tokenizer(text, add_special_tokens=False).input_ids) > 8192
+    prompt_file = tmp_path / "long.txt"
+    prompt_file.write_text(text, encoding="utf-8")
+    dump = ["--dump-kept", tmp_path / "kept.json"] if command == "inspect" else []
+    result = invoke(command, *dump, "--prompt-file", prompt_file, "--raw")
+    assert_fails(result, "at most 8192 positions")
+    assert not (tmp_path / "kept.json").exists()

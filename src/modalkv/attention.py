@@ -42,31 +42,27 @@ def modalkv_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention with the sdpa signature. query: [B, H, q, D]; key/value: [B, H_kv, q, D]. Returns [B, q, H, D]."""
     pending = take_pending(module.layer_idx)
-    if pending is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    layer = pending.layer
-    if pending.start_column == 0:
+    if pending is None or pending.start_column == 0:
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-        inputs = PrefillInputs(
-            module=module,
-            layer_idx=module.layer_idx,
-            queries=query,
-            keys=key,
-            values=value,
-            is_real=real_tokens(attention_mask, key),
-            scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
-        )
-        indices, lengths = layer.cache.press.select(inputs)
-        layer.store_prefill(key, value, indices, lengths)
+        if pending is not None:  # the prefill of a compressed layer: keep only what the press chooses
+            inputs = PrefillInputs(
+                module=module,
+                layer_idx=module.layer_idx,
+                queries=query,
+                keys=key,
+                values=value,
+                is_real=real_tokens(attention_mask, key),
+                scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
+            )
+            indices, lengths = pending.layer.cache.press.select(inputs)
+            pending.layer.store_prefill(key, value, indices, lengths)
         return output, None
     if attention_mask is not None and not bool(real_tokens(attention_mask, key).all()):
         raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")
-    layer.append(key, value, pending.start_column)
-    return ragged_attention(layer, query, scaling, pending.start_column), None
+    pending.layer.append(key, value, pending.start_column)
+    return ragged_attention(pending.layer, query, scaling, pending.start_column), None
 
 
 def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 from modalkv.attention import ragged_attention, real_tokens
 from modalkv.cache import CompressedCache, take_pending
 from modalkv.presses import FullPress
+from modalkv.presses.base import Selection
 
 
 def naive_attention(query, rows, scaling):
@@ -40,14 +41,14 @@ def test_ragged_attention_matches_naive_attention_for_several_blocks_and_queries
         for h in range(kv_heads):
             chosen = order[b, h, : lengths[b, h]].sort().values
             indices[b, h, : len(chosen)] = chosen
-    layer.store_prefill(keys, values, indices, lengths)
+    layer.store_prefill(keys, values, Selection(indices, lengths))
     assert len(layer.blocks) == 2  # rows of 2-12 tokens and of 30-40 tokens: two padded buffers
 
     new_keys = torch.randn(batch, kv_heads, q, dim, generator=gen)
     new_values = torch.randn(batch, kv_heads, q, dim, generator=gen)
     layer.append(new_keys, new_values, start_column=seq)
     query = torch.randn(batch, kv_heads * groups, q, dim, generator=gen)
-    out = ragged_attention(layer, query, scaling=0.3, start_column=seq)
+    out, _ = ragged_attention(layer, query, scaling=0.3, start_column=seq)
 
     rows = [
         [

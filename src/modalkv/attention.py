@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from modalkv.cache import CompressedLayer, take_pending
-from modalkv.presses.base import PrefillInputs
+from modalkv.presses.base import DecodeView, PrefillInputs
 
 ATTENTION_NAME = "modalkv"
 
@@ -56,13 +56,19 @@ def modalkv_attention(
                 is_real=real_tokens(attention_mask, key),
                 scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
             )
-            indices, lengths = pending.layer.cache.press.select(inputs)
-            pending.layer.store_prefill(key, value, indices, lengths)
+            pending.layer.store_prefill(key, value, pending.layer.cache.press.select(inputs))
         return output, None
     if attention_mask is not None and not bool(real_tokens(attention_mask, key).all()):
         raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")
-    pending.layer.append(key, value, pending.start_column)
-    return ragged_attention(pending.layer, query, scaling, pending.start_column), None
+    layer, press = pending.layer, pending.layer.cache.press
+    layer.append(key, value, pending.start_column)
+    with_weights = press.compress_decoding and press.needs_decode_attention
+    output, weights = ragged_attention(layer, query, scaling, pending.start_column, with_weights)
+    if press.compress_decoding:  # back to the budget: each row drops as many tokens as it just gained
+        for block, attention in zip(layer.blocks, weights, strict=True):
+            view = DecodeView(block, attention, layer.num_kv_heads, query.shape[1] // layer.num_kv_heads, layer.seen)
+            block.evict(press.decode_scores(view))
+    return output, None
 
 
 def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
@@ -77,17 +83,25 @@ def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch
     return last_row.expand(batch, seq)
 
 
-def ragged_attention(layer: CompressedLayer, query: torch.Tensor, scaling: float | None, start_column: int):
+def ragged_attention(
+    layer: CompressedLayer, query: torch.Tensor, scaling: float | None, start_column: int, with_weights: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Attention of new queries over a layer's ragged storage (new tokens already appended).
 
     The G query heads of a KV group are stacked as G * q queries of a single head, so each block is one sdpa call
     on [rows, 1, G * q, D] against [rows, 1, L, D] with no key repetition.
+
+    Returns:
+        output: [B, q, H, D].
+        weights: per block, [n, G * q, L] attention weights when `with_weights` (computed explicitly instead of
+            by sdpa), else None.
     """
     batch, num_heads, q, dim = query.shape
     kv_heads = layer.num_kv_heads
     groups = num_heads // kv_heads
     row_queries = query.reshape(batch * kv_heads, 1, groups * q, dim)
     output = None if len(layer.blocks) == 1 else row_queries.new_empty(row_queries.shape)
+    weights: list[torch.Tensor | None] = []
     for block in layer.blocks:
         length = block.max_length
         mask = None
@@ -99,15 +113,21 @@ def ragged_attention(layer: CompressedLayer, query: torch.Tensor, scaling: float
             valid = torch.arange(length, device=query.device) < block.lengths[:, None]  # [n, L]
             mask = valid[:, None, None] if mask is None else mask & valid[:, None, None]
         block_queries = row_queries if block.covers_all_rows else row_queries[block.rows]
-        result = torch.nn.functional.scaled_dot_product_attention(
-            block_queries,
-            block.keys[:, None, :length],
-            block.values[:, None, :length],
-            attn_mask=mask,
-            scale=scaling,
-        )
+        keys, values = block.keys[:, None, :length], block.values[:, None, :length]
+        if with_weights:
+            logits = torch.matmul(block_queries, keys.transpose(-1, -2)) * (scaling or dim**-0.5)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            probabilities = logits.softmax(dim=-1)
+            result = torch.matmul(probabilities, values)
+            weights.append(probabilities[:, 0])
+        else:
+            result = torch.nn.functional.scaled_dot_product_attention(
+                block_queries, keys, values, attn_mask=mask, scale=scaling
+            )
+            weights.append(None)
         if output is None:
             output = result
         else:
             output[block.rows] = result
-    return output.reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous()
+    return output.reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous(), weights

@@ -1,16 +1,8 @@
-"""A KV cache that stores, per batch row and KV head, only the tokens a press keeps.
+"""A transformers `Cache` that stores, per batch row and KV head, only the tokens a press keeps.
 
-Storage is ragged: after compression each (batch row, KV head) pair -- a "row" below -- holds its own number of
-tokens. Rows of similar length share one padded buffer (a `_Block`), so a layer costs a handful of tensors, decode
-attention costs one `sdpa` call per block, and the padding is bounded:
-
-* within a block, a row's length is at least 8/9 of the longest row's minus 16 tokens (`_BLOCK_SLACK`);
-* each block reserves `_GROWTH_MIN` free slots after compression and grows by 1/8 when full, so decoding never
-  copies the cache per token (amortised growth).
-
-Keys are stored after rotary embedding, as transformers' own caches do, so kept tokens keep their original
-positions. Each stored token also records its column in the sequence (int32), which is what lets several new
-tokens attend causally to a compressed past, and what `kept_positions()` reports.
+The storage itself (ragged rows in padded blocks, bounded slack, amortised growth) is in `storage.py`; this module
+is the transformers side: the cache and layer contract, the logical length, byte accounting, beam reordering, and
+the hand-off to the attention function.
 """
 
 from __future__ import annotations
@@ -22,11 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-if TYPE_CHECKING:
-    from modalkv.presses.base import Press
+from modalkv.storage import RowBlock, build_blocks
 
-_GROWTH_MIN = 16  # free slots reserved per block after compression, and the least a block grows by
-_BLOCK_SLACK = 8  # a block accepts rows down to 1/(1 + 1/_BLOCK_SLACK) of its longest row (minus _GROWTH_MIN)
+if TYPE_CHECKING:
+    from modalkv.presses.base import Press, Selection
 
 
 @dataclass
@@ -59,71 +50,6 @@ def take_pending(layer_idx: int) -> PendingUpdate | None:
     return pending
 
 
-@dataclass
-class _Block:
-    """Rows of one layer that share a padded buffer; only the first `lengths[i]` slots of row i are valid."""
-
-    rows: torch.Tensor  # [n] long, indices into batch * kv_heads, ascending
-    keys: torch.Tensor  # [n, capacity, D]
-    values: torch.Tensor  # [n, capacity, D]
-    columns: torch.Tensor  # [n, capacity] int32, sequence column of each stored token
-    lengths: torch.Tensor  # [n] long
-    max_length: int  # lengths.max() and lengths.min(), kept as ints to slice and branch without a sync
-    min_length: int
-    covers_all_rows: bool  # rows == arange(batch * kv_heads): no gather/scatter needed
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.keys, self.values, self.columns))
-
-    def grow(self, needed: int) -> None:
-        """Reallocates with room for at least `needed` slots per row (amortised: +1/8, at least _GROWTH_MIN)."""
-        capacity = needed + max(_GROWTH_MIN, needed // 8)
-        n, _, dim = self.keys.shape
-        for name in ("keys", "values", "columns"):
-            old = getattr(self, name)
-            # Zeroed, not empty: padding slots are masked out, but 0 * NaN garbage would still poison the output.
-            new = old.new_zeros((n, capacity, dim) if old.dim() == 3 else (n, capacity))
-            new[:, : self.max_length] = old[:, : self.max_length]
-            setattr(self, name, new)
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor) -> None:
-        """Appends q tokens to every row. keys/values: [n, q, D]; columns: [q]."""
-        q = keys.shape[1]
-        if self.max_length + q > self.capacity:
-            self.grow(self.max_length + q)
-        if self.min_length == self.max_length:  # every row ends at the same slot: plain slice writes
-            end = self.max_length + q
-            self.keys[:, self.max_length : end] = keys
-            self.values[:, self.max_length : end] = values
-            self.columns[:, self.max_length : end] = columns
-        else:
-            slots = self.lengths[:, None] + torch.arange(q, device=keys.device)  # [n, q]
-            index = torch.arange(len(self.rows), device=keys.device)[:, None]
-            self.keys[index, slots] = keys
-            self.values[index, slots] = values
-            self.columns[index, slots] = columns
-        self.lengths += q
-        self.max_length += q
-        self.min_length += q
-
-
-def _group_rows(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Splits rows into blocks of similar length (see module docstring). Returns ascending row indices per block."""
-    order = torch.argsort(lengths, stable=True).tolist()
-    values = lengths.tolist()
-    groups: list[list[int]] = []
-    for row in order:
-        if groups and values[row] <= values[groups[-1][0]] * (1 + 1 / _BLOCK_SLACK) + _GROWTH_MIN:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    return [torch.tensor(sorted(g), dtype=torch.long) for g in groups]
-
-
 class CompressedLayer(CacheLayerMixin):
     """One layer of a `CompressedCache`: ragged per-row storage of the kept keys and values."""
 
@@ -136,7 +62,7 @@ class CompressedLayer(CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.seen = 0  # logical length: sequence columns seen, padding included
-        self.blocks: list[_Block] = []
+        self.blocks: list[RowBlock] = []
         self.batch_size = 0
         self.num_kv_heads = 0
 
@@ -162,53 +88,32 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- storage -------------------------------------------------------------------------------------------------
 
-    def store_prefill(self, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor):
-        """Stores the kept tokens of a prefill.
-
-        Args:
-            keys, values: [B, H_kv, S, D] the whole prefill of this layer.
-            indices: [B, H_kv, K] kept token indices, ascending in the first `lengths` entries.
-            lengths: [B, H_kv] how many tokens each row keeps.
-        """
+    def store_prefill(self, keys: torch.Tensor, values: torch.Tensor, selection: Selection) -> None:
+        """Stores the kept tokens of a prefill. keys, values: [B, H_kv, S, D], the whole prefill of this layer."""
         batch, heads, seq, dim = keys.shape
-        flat_idx = indices.reshape(batch * heads, -1)
+        flat_idx = selection.indices.reshape(batch * heads, -1)
         gather_idx = flat_idx[..., None].expand(-1, -1, dim)
-        kept_keys = keys.reshape(batch * heads, seq, dim).gather(1, gather_idx)
-        kept_values = values.reshape(batch * heads, seq, dim).gather(1, gather_idx)
-        flat_lengths = lengths.reshape(-1).to(torch.long).cpu()
-        self.blocks = []
-        for rows in _group_rows(flat_lengths):
-            block_lengths = flat_lengths[rows]
-            longest = int(block_lengths.max())
-            capacity = longest + _GROWTH_MIN
-            covers_all = len(rows) == batch * heads
-            block = _Block(
-                rows=rows.to(keys.device),
-                keys=keys.new_zeros((len(rows), capacity, dim)),
-                values=values.new_zeros((len(rows), capacity, dim)),
-                columns=torch.zeros((len(rows), capacity), dtype=torch.int32, device=keys.device),
-                lengths=block_lengths.to(keys.device),
-                max_length=longest,
-                min_length=int(block_lengths.min()),
-                covers_all_rows=covers_all,
-            )
-            source = slice(None) if covers_all else block.rows
-            block.keys[:, :longest] = kept_keys[source, :longest]
-            block.values[:, :longest] = kept_values[source, :longest]
-            block.columns[:, :longest] = flat_idx[source, :longest].to(torch.int32)
-            self.blocks.append(block)
+        kept = {
+            "keys": keys.reshape(batch * heads, seq, dim).gather(1, gather_idx),
+            "values": values.reshape(batch * heads, seq, dim).gather(1, gather_idx),
+            "columns": flat_idx.to(torch.int32),
+        }
+        if selection.running_scores is not None:
+            kept["scores"] = selection.running_scores.reshape(batch * heads, seq).gather(1, flat_idx)
+        lengths = selection.lengths.reshape(-1).to(torch.long)
+        budget, limits = self.cache.press.budget, None
+        if self.cache.press.compress_decoding and budget != 1:  # rows stay at their budget while decoding
+            limits = torch.full_like(lengths, int(budget)) if budget > 1 else lengths.clone()
+        self.blocks = build_blocks(kept, lengths, limits)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_column: int) -> None:
         """Appends new tokens [B, H_kv, q, D] to every row (decoding, or a follow-up forward)."""
         batch, heads, q, dim = keys.shape
-        flat_keys = keys.reshape(batch * heads, q, dim)
-        flat_values = values.reshape(batch * heads, q, dim)
+        flat = {"keys": keys.reshape(batch * heads, q, dim), "values": values.reshape(batch * heads, q, dim)}
         columns = torch.arange(start_column, start_column + q, device=keys.device, dtype=torch.int32)
         for block in self.blocks:
-            if block.covers_all_rows:
-                block.append(flat_keys, flat_values, columns)
-            else:
-                block.append(flat_keys[block.rows], flat_values[block.rows], columns)
+            rows = flat if block.covers_all_rows else {name: t[block.rows] for name, t in flat.items()}
+            block.append({**rows, "columns": columns})
 
     # -- accounting ----------------------------------------------------------------------------------------------
 
@@ -272,25 +177,20 @@ class CompressedLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """New batch row i is old row indices[i] (beam search reorders and duplicates rows this way)."""
-        if not self.blocks:
-            self.batch_size = len(indices)
-            return
         heads = self.num_kv_heads
         new_rows = torch.arange(len(indices) * heads)
         source_rows = indices.cpu().repeat_interleave(heads) * heads + torch.arange(heads).repeat(len(indices))
+        blocks = []
         for block in self.blocks:
             local = torch.full((self.batch_size * heads,), -1, dtype=torch.long)
             local[block.rows.cpu()] = torch.arange(len(block.rows))
             picked = local[source_rows]
             take = picked >= 0
-            select = picked[take].to(block.keys.device)
-            block.rows = new_rows[take].to(block.keys.device)
-            block.keys, block.values = block.keys[select], block.values[select]
-            block.columns, block.lengths = block.columns[select], block.lengths[select]
-            block.covers_all_rows = len(block.rows) == len(new_rows)
-        self.blocks = [b for b in self.blocks if len(b.rows)]
-        for block in self.blocks:
-            block.max_length, block.min_length = int(block.lengths.max()), int(block.lengths.min())
+            if take.any():
+                device = block.keys.device
+                covers_all = bool(take.all())
+                blocks.append(block.take_rows(picked[take].to(device), new_rows[take].to(device), covers_all))
+        self.blocks = blocks
         self.batch_size = len(indices)
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -44,13 +44,16 @@ def parse_budget(text: str) -> float | int:
     return int(number) if number > 1 and number.is_integer() else number
 
 
-def parse_params(items: list[str] | None) -> dict[str, int | float | str]:
-    """['kernel_size=7', 'pooling=max'] -> {'kernel_size': 7, 'pooling': 'max'}."""
-    params: dict[str, int | float | str] = {}
+def parse_params(items: list[str] | None) -> dict[str, bool | int | float | str]:
+    """['kernel_size=7', 'pooling=max', 'compress_decoding=false'] -> {'kernel_size': 7, 'pooling': 'max', ...}."""
+    params: dict[str, bool | int | float | str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"method parameters are KEY=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            params[key] = value.lower() == "true"
+            continue
         for kind in (int, float):
             try:
                 params[key] = kind(value)

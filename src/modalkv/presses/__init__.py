@@ -2,10 +2,27 @@
 
 from modalkv.presses.base import PrefillInputs, Press
 from modalkv.presses.full import FullPress
+from modalkv.presses.h2o import H2OPress
+from modalkv.presses.knorm import KnormPress
+from modalkv.presses.pyramidkv import PyramidKVPress
+from modalkv.presses.random_press import RandomPress
 from modalkv.presses.snapkv import SnapKVPress
 from modalkv.presses.streaming_llm import StreamingLLMPress
+from modalkv.presses.tova import TOVAPress
 
-PRESSES: dict[str, type[Press]] = {press.name: press for press in (FullPress, StreamingLLMPress, SnapKVPress)}
+PRESSES: dict[str, type[Press]] = {
+    press.name: press
+    for press in (
+        FullPress,
+        StreamingLLMPress,
+        H2OPress,
+        SnapKVPress,
+        PyramidKVPress,
+        TOVAPress,
+        KnormPress,
+        RandomPress,
+    )
+}
 
 
 def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
@@ -15,4 +32,17 @@ def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
     return PRESSES[name](budget=budget, **params)
 
 
-__all__ = ["PRESSES", "FullPress", "PrefillInputs", "Press", "SnapKVPress", "StreamingLLMPress", "get_press"]
+__all__ = [
+    "PRESSES",
+    "FullPress",
+    "H2OPress",
+    "KnormPress",
+    "PrefillInputs",
+    "Press",
+    "PyramidKVPress",
+    "RandomPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "TOVAPress",
+    "get_press",
+]

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from modalkv.storage import RowBlock
+
 
 @dataclass
 class PrefillInputs:
@@ -36,6 +38,26 @@ class PrefillInputs:
     @property
     def num_kv_heads(self) -> int:
         return self.keys.shape[1]
+
+
+@dataclass
+class Selection:
+    """What a press keeps of one layer's prefill."""
+
+    indices: torch.Tensor  # [B, H_kv, K] kept token indices, ascending within the first `lengths` entries
+    lengths: torch.Tensor  # [B, H_kv] number of kept tokens per row
+    running_scores: torch.Tensor | None = None  # [B, H_kv, S] for presses that update a score while decoding
+
+
+@dataclass
+class DecodeView:
+    """One storage block right after new tokens were appended and attended to, as a press sees it."""
+
+    block: RowBlock
+    attention: torch.Tensor | None  # [n, G * q, L] the new queries' attention over the block's slots, if asked for
+    num_kv_heads: int
+    query_groups: int  # G, query heads per KV head
+    seen: int  # sequence columns seen so far (the next token's column)
 
 
 def check_budget(budget: float | int) -> None:
@@ -63,13 +85,18 @@ class Press:
     """
 
     budget: float | int = 1.0
+    compress_decoding: bool = False
     name: ClassVar[str] = ""
+    needs_decode_attention: ClassVar[bool] = False  # decode_scores() reads DecodeView.attention
+    keeps_running_scores: ClassVar[bool] = False  # score() is also the running score stored per token
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        if self.compress_decoding and type(self).decode_scores is Press.decode_scores:
+            raise ValueError(f"{self.name} defines no decode-time eviction; compress_decoding must be False")
         for name, kind in get_type_hints(type(self)).items():
             value = getattr(self, name)
-            if kind in (int, str) and (type(value) is not kind):
+            if kind in (int, str, bool) and (type(value) is not kind):
                 raise ValueError(f"{self.name}: {name} must be {kind.__name__}, got {value!r}")
             if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ValueError(f"{self.name}: {name} must be a number, got {value!r}")
@@ -87,6 +114,11 @@ class Press:
         """[B, H_kv, S] importance of each token for each KV head; higher is kept first."""
         raise NotImplementedError(f"{type(self).__name__} must define score()")
 
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        """[n, L] keep-scores of the block's slots while decoding (with `compress_decoding`): every row over its
+        limit (its prefill budget, or the absolute budget) loses its lowest-scoring slots."""
+        raise NotImplementedError(f"{type(self).__name__} defines no decode-time eviction")
+
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor | None:
         """[B, S] bool of tokens kept whatever their score (e.g. the observation window), or None."""
         return None
@@ -96,22 +128,18 @@ class Press:
         per_row = tokens_for_budget(self.budget, inputs.is_real.sum(-1))
         return per_row[:, None].expand(-1, inputs.num_kv_heads)
 
-    def select(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chooses the kept tokens of one layer.
-
-        Returns:
-            indices: [B, H_kv, K] token indices, ascending within the first `lengths` entries of each row.
-            lengths: [B, H_kv] number of kept tokens per row.
-        """
+    def select(self, inputs: PrefillInputs) -> Selection:
+        """Chooses the kept tokens of one layer: the budget rule, then the top scores with always-kept tokens first."""
         is_real = inputs.is_real
         num_real = is_real.sum(-1)
         kept = torch.minimum(self.num_kept(inputs), num_real[:, None])
         batch, heads = kept.shape
         seq = is_real.shape[-1]
+        running = self.score(inputs).float() if self.keeps_running_scores else None
         if bool((kept == num_real[:, None]).all()):  # nothing to evict: skip scoring (and keep exactly all)
             scores = is_real[:, None, :].expand(batch, heads, seq).float()
         else:
-            scores = self.score(inputs).float()
+            scores = running if running is not None else self.score(inputs).float()
             protected = self.always_kept(inputs)
             if protected is not None:
                 scores = scores.masked_fill(protected[:, None, :], torch.finfo(scores.dtype).max)
@@ -119,7 +147,7 @@ class Press:
         top = scores.topk(int(kept.max()), dim=-1, sorted=True).indices
         beyond = torch.arange(top.shape[-1], device=top.device) >= kept[..., None]
         indices = top.masked_fill(beyond, seq).sort(dim=-1).values.clamp(max=seq - 1)
-        return indices, kept
+        return Selection(indices, kept, running)
 
     @contextmanager
     def attach(self, model: PreTrainedModel) -> Iterator[PreTrainedModel]:

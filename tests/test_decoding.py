@@ -1,0 +1,90 @@
+"""Decode-time compression: the cache stays at its budget, and what is kept is attended to correctly."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from modalkv import CompressedCache, get_press
+from modalkv.presses.base import DecodeView
+from modalkv.storage import build_blocks
+
+
+@pytest.mark.parametrize("method", ["streaming_llm", "h2o", "tova"])
+@pytest.mark.parametrize("budget", [16, 0.25])
+def test_cache_stays_at_its_budget_over_200_generated_tokens(model, prompt, method, budget):
+    press = get_press(method, budget=budget)
+    cache = CompressedCache(press)
+    out = press.generate(model, input_ids=prompt, past_key_values=cache, max_new_tokens=200, do_sample=False)
+    assert out.shape[1] == prompt.shape[1] + 200
+    assert cache.get_seq_length() == prompt.shape[1] + 199  # the last token is sampled, never fed back
+    expected = 16 if budget == 16 else int(0.25 * prompt.shape[1])
+    for layer in cache.layers:
+        assert layer.kept_lengths().tolist() == [[expected, expected]]
+    assert cache.cache_bytes() == 2 * 2 * expected * 2 * model.config.head_dim * 4
+
+
+def test_without_decode_compression_the_cache_grows(model, prompt):
+    press = get_press("streaming_llm", budget=16, compress_decoding=False)
+    cache = CompressedCache(press)
+    press.generate(model, input_ids=prompt, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    assert cache.layers[0].kept_lengths().tolist() == [[16 + 19, 16 + 19]]
+
+
+def test_presses_without_decode_eviction_refuse_the_option():
+    with pytest.raises(ValueError, match="snapkv defines no decode-time eviction"):
+        get_press("snapkv", budget=0.2, compress_decoding=True)
+
+
+def test_sliding_window_decoding_equals_an_uncompressed_cache_with_evicted_tokens_masked(model, prompt):
+    """Independent reference: a DynamicCache holding everything, with a 2-D attention mask that hides exactly the
+    tokens StreamingLLM has evicted (true positions, no storage tricks)."""
+    seq, budget, steps = prompt.shape[1], 12, 24
+    press = get_press("streaming_llm", budget=budget)
+    cache, reference = CompressedCache(press), DynamicCache()
+    with press.attach(model), torch.no_grad():
+        ours = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    ref_logits = model(prompt, past_key_values=reference, use_cache=True).logits[:, -1]
+    for step in range(steps):
+        token = ours.argmax(-1, keepdim=True)
+        kept = cache.kept_positions()[0][0][0]
+        for layer in cache.kept_positions():  # StreamingLLM keeps the same tokens in every layer and head
+            assert layer == [[kept, kept]]
+        assert kept == [0, 1, 2, 3, *range(seq + step - (budget - 4), seq + step)]
+        mask = torch.zeros(1, seq + step + 1, dtype=torch.long)
+        mask[0, [*kept, seq + step]] = 1
+        with torch.no_grad():
+            ref_logits = model(token, past_key_values=reference, attention_mask=mask, use_cache=True).logits[:, -1]
+            with press.attach(model):
+                ours = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        assert (ours - ref_logits).abs().max() <= 1e-4
+
+
+def test_a_multi_token_forward_evicts_back_to_the_budget(model, prompt):
+    press = get_press("streaming_llm", budget=12)
+    cache = CompressedCache(press)
+    with press.attach(model), torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        model(torch.tensor([[5, 6, 7, 8, 9]]), past_key_values=cache, use_cache=True)
+    seq = prompt.shape[1] + 5
+    assert cache.kept_positions()[1][0][1] == [0, 1, 2, 3, *range(seq - 8, seq)]
+
+
+def test_h2o_adds_each_new_attention_and_evicts_the_lowest_outside_the_recent_window():
+    keys = torch.zeros(2, 6, 4)  # 2 rows (1 batch row x 2 KV heads), 6 tokens
+    kept = {"keys": keys, "values": keys.clone(), "columns": torch.arange(6).repeat(2, 1).int()}
+    kept["scores"] = torch.tensor([[5.0, 1.0, 3.0, 0.5, 2.0, 0.0], [0.0, 4.0, 1.0, 3.0, 2.0, 0.0]])
+    block = build_blocks(kept, torch.tensor([6, 6]), limits=torch.tensor([4, 4]))[0]
+    block.append({"keys": torch.zeros(2, 1, 4), "values": torch.zeros(2, 1, 4), "columns": torch.tensor([6]).int()})
+    # Attention of the new token's 2 query heads (G=2) per row over the 7 slots.
+    attention = torch.zeros(2, 2, 7)
+    attention[0, :, 1] = 1.0  # row 0: token 1 becomes heavy (1 + 1 = 2)
+    attention[1, :, 2] = 1.0  # row 1: token 2 becomes 2
+    press = get_press("h2o", budget=4)  # recent window = 2 tokens: columns 5 and 6
+    scores = press.decode_scores(DecodeView(block, attention, num_kv_heads=2, query_groups=2, seen=7))
+    assert torch.equal(
+        block.slots["scores"][:, :7],
+        kept["scores"].new_tensor([[5.0, 2.0, 3.0, 0.5, 2.0, 0.0, 0.0], [0.0, 4.0, 2.0, 3.0, 2.0, 0.0, 0.0]]),
+    )
+    block.evict(scores)  # 7 tokens, limit 4: the 3 lowest outside the recent window go
+    kept_columns = [sorted(block.columns[i, :4].tolist()) for i in range(2)]
+    assert kept_columns == [[0, 2, 5, 6], [1, 3, 5, 6]]

@@ -3,8 +3,9 @@
     python tools/compare_kept.py ours.json kvpress.json [--min-overlap 0.95]
 
 Prints, per layer, the mean Jaccard overlap |A & B| / |A | B| of the kept sets over KV heads, how many heads keep
-identical sets, and the mean kept count of each side; then the overall mean over layers and heads and the number of
-identical (layer, head) pairs. Exits 0, or 1 with --min-overlap when the overall mean is below it.
+identical sets, and the mean kept count of each side; then the overall mean over layers and heads, the number of
+identical (layer, head) sets, and the number of nested ones (one set contains the other: both sides rank tokens alike
+and differ only in how many they keep). Exits 0, or 1 with --min-overlap when the overall mean is below it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> int:
     print(f"{args.second}: {second.get('method')} budget {second.get('budget')}, {second.get('prompt_tokens')} tokens")
     print("layer  mean_jaccard  identical  kept_first  kept_second")
     overlaps: list[float] = []
-    identical = 0
+    identical = nested = 0
     for index, (heads_a, heads_b) in enumerate(zip(first["layers"], second["layers"], strict=True)):
         if len(heads_a) != len(heads_b):
             raise SystemExit(f"layer {index}: KV head counts differ: {len(heads_a)} vs {len(heads_b)}")
@@ -52,12 +53,16 @@ def main() -> int:
         same = sum(a == b for a, b in pairs)
         overlaps += layer
         identical += same
+        nested += sum(a <= b or b <= a for a, b in pairs)
         kept_a = sum(len(a) for a, _ in pairs) / len(pairs)
         kept_b = sum(len(b) for _, b in pairs) / len(pairs)
-        print(f"{index:5d}  {sum(layer) / len(layer):12.4f}  {same:4d}/{len(pairs):<4d}  {kept_a:10.1f}  {kept_b:11.1f}")
+        layer_mean = sum(layer) / len(layer)
+        print(f"{index:5d}  {layer_mean:12.4f}  {same:4d}/{len(pairs):<4d}  {kept_a:10.1f}  {kept_b:11.1f}")
 
     mean = sum(overlaps) / len(overlaps)
-    print(f"overall mean Jaccard {mean:.4f}; identical (layer, head) sets: {identical}/{len(overlaps)}")
+    print(
+        f"overall mean Jaccard {mean:.4f}; (layer, head) sets identical: {identical}/{len(overlaps)}, nested: {nested}"
+    )
     if args.min_overlap is not None and mean < args.min_overlap:
         print(f"below --min-overlap {args.min_overlap}")
         return 1

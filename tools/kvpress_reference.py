@@ -160,7 +160,7 @@ def main() -> None:
     }
     args.dump_kept.write_text(json.dumps(record))
     kept = sum(len(head) for layer in layers for head in layer)
-    print(f"wrote {args.dump_kept}: kvpress {type(press).__name__}, {record['prompt_tokens']} prompt tokens, {kept} kept")
+    print(f"wrote {args.dump_kept}: {type(press).__name__}, {record['prompt_tokens']} prompt tokens, {kept} kept")
 
 
 if __name__ == "__main__":

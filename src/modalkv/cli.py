@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -16,14 +17,14 @@ from rich.table import Table
 from modalkv.cache import CompressedCache
 from modalkv.generation import encode_prompt, generate_timed
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
-from modalkv.presses import PRESSES, get_press
+from modalkv.presses import PRESSES, Press, get_press
 from modalkv.presses.base import check_prompt_length
 
 app = typer.Typer(help="KV-cache compression for multimodal and text LLMs.", no_args_is_help=True)
 console = Console(stderr=True)
 
 ModelOption = Annotated[str, typer.Option(help="embedded model name, local folder or hub id")]
-MethodOption = Annotated[str, typer.Option(help=f"one of: {', '.join(PRESSES)}")]
+MethodOption = Annotated[str, typer.Option(help=f"one of: {', '.join(PRESSES)}, adakv:<method> (see `methods`)")]
 BudgetOption = Annotated[str, typer.Option(help="kept fraction in (0, 1] or kept tokens (integer > 1)")]
 PromptOption = Annotated[str | None, typer.Option(help="prompt text")]
 PromptFileOption = Annotated[Path | None, typer.Option(help="plain-text prompt file")]
@@ -153,6 +154,25 @@ def inspect(
     dump_kept.write_text(json.dumps(record))
     kept = sum(len(head) for layer in record["layers"] for head in layer)
     console.print(f"wrote {dump_kept}: {kept} kept (layer, head, token) entries, {len(record['layers'])} layers")
+
+
+@app.command()
+def methods() -> None:
+    """List the methods, one line each, with their parameters and defaults."""
+    table = Table(title="methods (--method NAME, parameters with -p KEY=VALUE)")
+    for column in ("method", "what it keeps", "parameters (defaults)"):
+        table.add_column(column)
+    for name, press in PRESSES.items():
+        evicts_while_decoding = press.decode_scores is not Press.decode_scores
+        params = [
+            f"{f.name}={f.default}"
+            for f in dataclasses.fields(press)
+            if f.name != "budget" and (f.name != "compress_decoding" or evicts_while_decoding)
+        ]
+        summary = (press.__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, summary, ", ".join(params))
+    table.add_row("adakv:<method>", "AdaKV head-wise budgets around a scoring method", "alpha_safeguard=0.2")
+    Console(width=160).print(table)
 
 
 @app.command()

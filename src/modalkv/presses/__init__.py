@@ -1,5 +1,6 @@
 """Methods ("presses"), chosen by name with `get_press`."""
 
+from modalkv.presses.adakv import AdaKVPress
 from modalkv.presses.base import PrefillInputs, Press
 from modalkv.presses.full import FullPress
 from modalkv.presses.h2o import H2OPress
@@ -26,14 +27,23 @@ PRESSES: dict[str, type[Press]] = {
 
 
 def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
-    """Builds the press registered as `name` (see `PRESSES`), e.g. `get_press("snapkv", budget=0.2)`."""
+    """Builds the press registered as `name` (see `PRESSES`), e.g. `get_press("snapkv", budget=0.2)`.
+
+    `adakv:<name>` wraps a scoring press in AdaKV's head-wise budgets (`adakv` alone wraps SnapKV); parameters go to
+    AdaKV if they are its own (`alpha_safeguard`), else to the inner press.
+    """
+    if name.startswith("adakv"):
+        inner = name.partition(":")[2] or "snapkv"
+        own = {key: params.pop(key) for key in ("alpha_safeguard",) if key in params}
+        return AdaKVPress(budget=budget, press=get_press(inner, budget=budget, **params), **own)
     if name not in PRESSES:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESSES))}")
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESSES))}, adakv:<method>")
     return PRESSES[name](budget=budget, **params)
 
 
 __all__ = [
     "PRESSES",
+    "AdaKVPress",
     "FullPress",
     "H2OPress",
     "KnormPress",

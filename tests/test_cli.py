@@ -184,6 +184,26 @@ def test_inspect_full_keeps_everything(passkey_file: Path, tmp_path: Path) -> No
     assert all(heads == [everything] * 3 for heads in record["layers"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [*(name for name in cli.PRESSES if name != "full"), "adakv:snapkv"])
+def test_inspect_dumps_every_method(passkey_file: Path, tmp_path: Path, method: str) -> None:
+    record = kept_positions(passkey_file, tmp_path, "--method", method, "--budget", "0.2")
+    tokens = record["prompt_tokens"]
+    assert record["method"] == method and len(record["layers"]) == 30
+    heads = [head for layer in record["layers"] for head in layer]
+    assert all(head == sorted(set(head)) and head[0] >= 0 and head[-1] < tokens for head in heads)
+    # Every method keeps the same total: 20% of the prompt per head, on average over layers and heads.
+    assert sum(map(len, heads)) == 30 * 3 * int(0.2 * tokens)
+
+
+def test_methods_lists_every_method() -> None:
+    result = invoke("methods")
+    assert result.exit_code == 0
+    for name in [*cli.PRESSES, "adakv:<method>"]:
+        assert name in result.stdout
+    assert "window_size=64" in result.stdout and "num_sinks=4" in result.stdout
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -33,7 +33,8 @@ import kvpress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-# modalkv name -> kvpress class; "adakv-<name>" wraps a scorer press in AdaKVPress (head-wise budgets).
+# modalkv name -> kvpress class; "adakv:<name>" (modalkv's spelling; "adakv" alone is adakv:snapkv) wraps the
+# scorer press in AdaKVPress (head-wise budgets).
 METHODS: dict[str, type[kvpress.BasePress]] = {
     "snapkv": kvpress.SnapKVPress,
     "streaming_llm": kvpress.StreamingLLMPress,
@@ -71,11 +72,13 @@ def make_press(method: str, budget: float, params: list[str]) -> kvpress.BasePre
         if not sep:
             raise SystemExit(f"--param takes KEY=VALUE, got {item!r}")
         fields[PARAM_ALIASES.get(key, key)] = parse_value(value)
-    name = method.removeprefix("adakv-")
+    is_adakv = method.startswith("adakv")
+    name = (method.partition(":")[2] or "snapkv") if is_adakv else method
     if name not in METHODS:
-        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHODS)} (each also as adakv-<name>)")
-    if method.startswith("adakv-"):
-        return kvpress.AdaKVPress(press=METHODS[name](compression_ratio=1 - budget, **fields))
+        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHODS)}, adakv:<name>")
+    if is_adakv:
+        own = {key: fields.pop(key) for key in ("alpha_safeguard",) if key in fields}
+        return kvpress.AdaKVPress(press=METHODS[name](compression_ratio=1 - budget, **fields), **own)
     return METHODS[name](compression_ratio=1 - budget, **fields)
 
 
@@ -128,7 +131,7 @@ def encode(tokenizer, text: str, raw: bool) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="transformers checkpoint folder")
-    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}, or adakv-<name>")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}, or adakv:<name>")
     parser.add_argument("--budget", type=float, required=True, help="kept ratio in (0, 1]")
     parser.add_argument("--prompt-file", type=Path, required=True)
     parser.add_argument("--raw", action="store_true", help="no chat template, no special tokens")

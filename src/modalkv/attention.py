@@ -18,6 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from modalkv.cache import CompressedLayer, take_pending
+from modalkv.modality import check_modality
 from modalkv.presses.base import DecodeView, PrefillInputs
 
 ATTENTION_NAME = "modalkv"
@@ -47,6 +48,9 @@ def modalkv_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         if pending is not None:  # the prefill of a compressed layer: keep only what the press chooses
+            modality = pending.layer.cache.modality
+            if modality is not None:
+                modality = check_modality(modality.to(key.device), key.shape[0], key.shape[2])
             inputs = PrefillInputs(
                 module=module,
                 layer_idx=module.layer_idx,
@@ -55,6 +59,7 @@ def modalkv_attention(
                 values=value,
                 is_real=real_tokens(attention_mask, key),
                 scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
+                modality=modality,
             )
             pending.layer.store_prefill(key, value, pending.layer.cache.press.select(inputs))
         return output, None

@@ -93,6 +93,8 @@ class CompressedLayer(CacheLayerMixin):
         batch, heads, seq, dim = keys.shape
         flat_idx = selection.indices.reshape(batch * heads, -1)
         gather_idx = flat_idx[..., None].expand(-1, -1, dim)
+        if selection.keys is not None:  # a merging press replaced some kept keys and values
+            keys, values = selection.keys, selection.values
         kept = {
             "keys": keys.reshape(batch * heads, seq, dim).gather(1, gather_idx),
             "values": values.reshape(batch * heads, seq, dim).gather(1, gather_idx),
@@ -207,11 +209,13 @@ class CompressedCache(Cache):
 
     Args:
         press: the method that picks which tokens each layer and KV head keeps.
+        modality: [B, S] the prompt's modality map (`modality.py`), for presses that read it; None: all text.
     """
 
-    def __init__(self, press: Press):
+    def __init__(self, press: Press, modality: torch.Tensor | None = None):
         super().__init__(layers=[])
         self.press = press
+        self.modality = modality
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

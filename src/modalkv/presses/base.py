@@ -30,6 +30,7 @@ class PrefillInputs:
     values: torch.Tensor  # [B, H_kv, S, D]
     is_real: torch.Tensor  # [B, S] bool, False for padding
     scaling: float
+    modality: torch.Tensor | None = None  # [B, S] long: TEXT, IMAGE or VIDEO per token (modality.py); None: text
 
     @property
     def num_layers(self) -> int:
@@ -47,6 +48,8 @@ class Selection:
     indices: torch.Tensor  # [B, H_kv, K] kept token indices, ascending within the first `lengths` entries
     lengths: torch.Tensor  # [B, H_kv] number of kept tokens per row
     running_scores: torch.Tensor | None = None  # [B, H_kv, S] for presses that update a score while decoding
+    keys: torch.Tensor | None = None  # [B, H_kv, S, D] replacement keys to store (merging presses), else the layer's
+    values: torch.Tensor | None = None
 
 
 @dataclass
@@ -171,12 +174,16 @@ class Press:
         finally:
             model.set_attn_implementation(previous)
 
-    def generate(self, model: PreTrainedModel, **kwargs) -> torch.Tensor:
+    def generate(self, model: PreTrainedModel, modality: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """`model.generate(**kwargs)` with a compressed cache (pass `past_key_values=CompressedCache(press)` to
-        inspect it afterwards). Returns what `generate` returns."""
+        inspect it afterwards). `modality`: the prompt's modality map (default: from the model's image/video
+        token ids, if any). Returns what `generate` returns."""
         from modalkv.cache import CompressedCache
+        from modalkv.modality import modality_from_input_ids
 
-        cache = kwargs.setdefault("past_key_values", CompressedCache(self))
+        if modality is None and "input_ids" in kwargs:
+            modality = modality_from_input_ids(model.config, kwargs["input_ids"])
+        cache = kwargs.setdefault("past_key_values", CompressedCache(self, modality=modality))
         if not isinstance(cache, CompressedCache):
             raise ValueError(f"past_key_values must be a CompressedCache, got {type(cache).__name__}")
         prompt = kwargs.get("input_ids", kwargs.get("inputs_embeds"))

@@ -5,6 +5,7 @@ from modalkv.presses.base import PrefillInputs, Press
 from modalkv.presses.full import FullPress
 from modalkv.presses.h2o import H2OPress
 from modalkv.presses.knorm import KnormPress
+from modalkv.presses.lookm import LookMPress
 from modalkv.presses.pyramidkv import PyramidKVPress
 from modalkv.presses.random_press import RandomPress
 from modalkv.presses.snapkv import SnapKVPress
@@ -22,6 +23,7 @@ PRESSES: dict[str, type[Press]] = {
         TOVAPress,
         KnormPress,
         RandomPress,
+        LookMPress,
     )
 }
 
@@ -47,6 +49,7 @@ __all__ = [
     "FullPress",
     "H2OPress",
     "KnormPress",
+    "LookMPress",
     "PrefillInputs",
     "Press",
     "PyramidKVPress",

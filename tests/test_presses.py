@@ -46,6 +46,7 @@ def test_budget_rule_ratio_and_tokens():
     assert tokens_for_budget(0.2, num_real).tolist() == [20, 1, 1]
     assert tokens_for_budget(1.0, num_real).tolist() == [100, 7, 3]
     assert tokens_for_budget(30, num_real).tolist() == [30, 7, 3]
+    assert tokens_for_budget(0.65, torch.tensor([180])).tolist() == [117]  # float32 would give 116
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -185,7 +185,7 @@ def test_inspect_full_keeps_everything(passkey_file: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [*(name for name in cli.PRESSES if name != "full"), "adakv:snapkv"])
+@pytest.mark.parametrize("method", [*(name for name in cli.PRESSES if name not in ("full", "lookm")), "adakv:snapkv"])
 def test_inspect_dumps_every_method(passkey_file: Path, tmp_path: Path, method: str) -> None:
     record = kept_positions(passkey_file, tmp_path, "--method", method, "--budget", "0.2")
     tokens = record["prompt_tokens"]
@@ -194,6 +194,14 @@ def test_inspect_dumps_every_method(passkey_file: Path, tmp_path: Path, method: 
     assert all(head == sorted(set(head)) and head[0] >= 0 and head[-1] < tokens for head in heads)
     # Every method keeps the same total: 20% of the prompt per head, on average over layers and heads.
     assert sum(map(len, heads)) == 30 * 3 * int(0.2 * tokens)
+
+
+@pytest.mark.slow
+def test_inspect_lookm_keeps_every_text_token(passkey_file: Path, tmp_path: Path) -> None:
+    """LOOK-M's text prior keeps every text token by definition: on a text-only prompt it evicts nothing."""
+    record = kept_positions(passkey_file, tmp_path, "--method", "lookm", "--budget", "0.2")
+    everything = list(range(record["prompt_tokens"]))
+    assert all(heads == [everything] * 3 for heads in record["layers"])
 
 
 def test_methods_lists_every_method() -> None:

@@ -184,9 +184,13 @@ class Press:
 
         if modality is None and "input_ids" in kwargs:
             modality = modality_from_input_ids(model.config, kwargs["input_ids"])
-        cache = kwargs.setdefault("past_key_values", CompressedCache(self, modality=modality))
+        cache = kwargs.setdefault("past_key_values", CompressedCache(self))
         if not isinstance(cache, CompressedCache):
             raise ValueError(f"past_key_values must be a CompressedCache, got {type(cache).__name__}")
+        if modality is not None and cache.modality is None:
+            cache.modality = modality
+        elif modality is not None and not torch.equal(modality, cache.modality):
+            raise ValueError("two different modality maps: one given to generate(), another held by the cache")
         prompt = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is not None:
             check_prompt_length(model, prompt.shape[1], kwargs.get("max_new_tokens", 0))

@@ -53,8 +53,8 @@ class LookMPress(Press):
     def split(self, num_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N important, M recent) tokens per row, each [B], from each row's real length `num_real` [B]."""
         total = tokens_for_budget(self.budget, num_real)
-        recent = total // 2 if self.recent_ratio is None else (num_real * self.recent_ratio).long()
-        important = total - total // 2 if self.hh_ratio is None else (num_real * self.hh_ratio).long()
+        recent = total // 2 if self.recent_ratio is None else (num_real.double() * self.recent_ratio).long()
+        important = total - total // 2 if self.hh_ratio is None else (num_real.double() * self.hh_ratio).long()
         return important, recent.masked_fill((important + recent) == 0, 1)  # keep at least the last token
 
     def select(self, inputs: PrefillInputs) -> Selection:

@@ -1,38 +1,14 @@
 """KnormPress, RandomPress, TOVAPress and PyramidKVPress on hand-made tensors."""
 
-import math
-from types import SimpleNamespace
-
 import pytest
 import torch
+from prefill import kept_sets, make_inputs
 
-from modalkv.presses.base import PrefillInputs
 from modalkv.presses.knorm import KnormPress
 from modalkv.presses.pyramidkv import PyramidKVPress
 from modalkv.presses.random_press import RandomPress
 from modalkv.presses.snapkv import SnapKVPress
 from modalkv.presses.tova import TOVAPress
-
-
-def make_inputs(
-    batch=1, heads=4, kv_heads=2, seq=20, dim=8, is_real=None, seed=0, num_layers=4, layer_idx=0
-) -> PrefillInputs:
-    gen = torch.Generator().manual_seed(seed)
-    return PrefillInputs(
-        module=SimpleNamespace(config=SimpleNamespace(num_hidden_layers=num_layers)),
-        layer_idx=layer_idx,
-        queries=torch.randn(batch, heads, seq, dim, generator=gen),
-        keys=torch.randn(batch, kv_heads, seq, dim, generator=gen),
-        values=torch.randn(batch, kv_heads, seq, dim, generator=gen),
-        is_real=torch.ones(batch, seq, dtype=torch.bool) if is_real is None else is_real,
-        scaling=1 / math.sqrt(dim),
-    )
-
-
-def kept_sets(press, inputs):
-    selection = press.select(inputs)
-    indices, lengths = selection.indices, selection.lengths
-    return [[indices[b, h, : lengths[b, h]].tolist() for h in range(lengths.shape[1])] for b in range(len(lengths))]
 
 
 @pytest.mark.parametrize("press_class", [KnormPress, RandomPress, TOVAPress, PyramidKVPress])

@@ -5,29 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from prefill import kept_sets, make_inputs
 from transformers import BloomConfig, BloomForCausalLM
 
 from modalkv import get_press
-from modalkv.presses.base import PrefillInputs, check_budget, tokens_for_budget
-
-
-def make_inputs(batch=1, heads=4, kv_heads=2, seq=20, dim=8, is_real=None, seed=0) -> PrefillInputs:
-    gen = torch.Generator().manual_seed(seed)
-    return PrefillInputs(
-        module=None,
-        layer_idx=0,
-        queries=torch.randn(batch, heads, seq, dim, generator=gen),
-        keys=torch.randn(batch, kv_heads, seq, dim, generator=gen),
-        values=torch.randn(batch, kv_heads, seq, dim, generator=gen),
-        is_real=torch.ones(batch, seq, dtype=torch.bool) if is_real is None else is_real,
-        scaling=1 / math.sqrt(dim),
-    )
-
-
-def kept_sets(press, inputs):
-    selection = press.select(inputs)
-    indices, lengths = selection.indices, selection.lengths
-    return [[indices[b, h, : lengths[b, h]].tolist() for h in range(lengths.shape[1])] for b in range(len(lengths))]
+from modalkv.presses.base import check_budget, tokens_for_budget
 
 
 @pytest.mark.parametrize("budget", [0.2, 1.0, 1, 2, 4096])

@@ -29,6 +29,11 @@ def test_budget_rule_ratio_and_tokens():
     assert tokens_for_budget(1.0, num_real).tolist() == [100, 7, 3]
     assert tokens_for_budget(30, num_real).tolist() == [30, 7, 3]
     assert tokens_for_budget(0.65, torch.tensor([180])).tolist() == [117]  # float32 would give 116
+    assert tokens_for_budget(0.7, torch.tensor([90])).tolist() == [63]  # a plain float64 floor gives 62
+    lengths = torch.arange(1, 8193)
+    for ratio in (0.05, 0.1, 0.2, 0.35, 0.5, 0.7):  # exact: the largest count whose ratio does not exceed the budget
+        expected = torch.tensor([max(1, (n * round(ratio * 100)) // 100) for n in lengths.tolist()])
+        assert torch.equal(tokens_for_budget(ratio, lengths), expected)
 
 
 def test_unknown_method_lists_the_known_ones():

@@ -75,8 +75,9 @@ def tokens_for_budget(budget: float | int, num_real: torch.Tensor) -> torch.Tens
     """Tokens to keep per row: floor(ratio * length) (at least 1), or min(count, length). num_real: [B]."""
     if budget > 1:
         return num_real.clamp(max=int(budget))
-    # float64: in float32, 180 * 0.65 is 116.99998 and would keep one token too few.
-    return (num_real.double() * float(budget)).floor().long().clamp(min=1)
+    # float64 plus a hair: 180 * 0.65 is 116.99998 in float32 and 90 * 0.7 is 62.99999999999999 in float64; both
+    # are whole numbers of tokens that a plain floor would round one token short.
+    return (num_real.double() * float(budget) + 1e-9).floor().long().clamp(min=1)
 
 
 @dataclass

@@ -24,15 +24,36 @@ def test_cache_stays_at_its_budget_over_200_generated_tokens(model, prompt, meth
 
 
 def test_without_decode_compression_the_cache_grows(model, prompt):
-    press = get_press("streaming_llm", budget=16, compress_decoding=False)
+    press = get_press("streaming_llm", budget=16, evict_every=0)
     cache = CompressedCache(press)
     press.generate(model, input_ids=prompt, past_key_values=cache, max_new_tokens=20, do_sample=False)
     assert cache.layers[0].kept_lengths().tolist() == [[16 + 19, 16 + 19]]
 
 
 def test_presses_without_decode_eviction_refuse_the_option():
-    with pytest.raises(ValueError, match="snapkv defines no decode-time eviction"):
-        get_press("snapkv", budget=0.2, compress_decoding=True)
+    with pytest.raises(ValueError, match="lookm defines no decode-time eviction"):
+        get_press("lookm", budget=0.2, evict_every=4)
+    with pytest.raises(ValueError, match="evict_every must be >= 0"):
+        get_press("snapkv", budget=0.2, evict_every=-1)
+    with pytest.raises(ValueError, match="adakv keeps the head budgets"):
+        get_press("adakv:snapkv", budget=0.2, evict_every=4)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "knorm", "random"])
+def test_rescoring_every_n_steps_returns_to_the_budget_and_keeps_the_window(model, prompt, method):
+    press = get_press(method, budget=12, evict_every=5)
+    cache = CompressedCache(press)
+    seq = prompt.shape[1]
+    with press.attach(model), torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        for step in range(1, 16):
+            model(torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+            lengths = {n for layer in cache.layers for n in layer.kept_lengths().flatten().tolist()}
+            assert lengths == {12 + step % 5}  # grows for 4 steps, back to 12 tokens on every 5th
+    if method == "snapkv":  # the 5 generated tokens of the last window are never the ones evicted
+        for layer in cache.kept_positions():
+            for head in layer[0]:
+                assert set(range(seq + 10, seq + 15)) <= set(head)
 
 
 def test_sliding_window_decoding_equals_an_uncompressed_cache_with_evicted_tokens_masked(model, prompt):
@@ -80,7 +101,9 @@ def test_h2o_adds_each_new_attention_and_evicts_the_lowest_outside_the_recent_wi
     attention[0, :, 1] = 1.0  # row 0: token 1 becomes heavy (1 + 1 = 2)
     attention[1, :, 2] = 1.0  # row 1: token 2 becomes 2
     press = get_press("h2o", budget=4)  # recent window = 2 tokens: columns 5 and 6
-    scores = press.decode_scores(DecodeView(block, attention, num_kv_heads=2, query_groups=2, seen=7))
+    view = DecodeView(block, attention, num_kv_heads=2, query_groups=2, seen=7)
+    press.observe(view)
+    scores = press.decode_scores(view)
     assert torch.equal(
         block.slots["scores"][:, :7],
         kept["scores"].new_tensor([[5.0, 2.0, 3.0, 0.5, 2.0, 0.0, 0.0], [0.0, 4.0, 2.0, 3.0, 2.0, 0.0, 0.0]]),

@@ -118,7 +118,7 @@ def test_decoding_after_eviction_matches_dynamic_cache_holding_the_kept_tokens(m
     """StreamingLLM keeps the same tokens in every head, so an independent reference exists: a DynamicCache
     holding exactly those tokens (cut from an uncompressed prefill), decoded with the true positions."""
     seq = prompt.shape[1]
-    press = get_press("streaming_llm", budget=16, compress_decoding=False)  # prefill eviction only
+    press = get_press("streaming_llm", budget=16, evict_every=0)  # prefill eviction only
     cache = CompressedCache(press)
     with press.attach(model):
         out = forward_loop(model, prompt, cache)

@@ -107,7 +107,7 @@ def test_budget_split_and_explicit_alphas():
         ({"hh_ratio": 1.5}, "hh_ratio must be a ratio in \\[0, 1\\] or None"),
         ({"recent_ratio": -0.1}, "recent_ratio must be a ratio in \\[0, 1\\] or None"),
         ({"merge": "max"}, "merge must be one of pivotal, average, weighted, none, got 'max'"),
-        ({"compress_decoding": True}, "lookm defines no decode-time eviction"),
+        ({"evict_every": 1}, "lookm defines no decode-time eviction"),
     ],
 )
 def test_bad_parameters_are_named(params, message):

@@ -67,12 +67,15 @@ def modalkv_attention(
         raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")
     layer, press = pending.layer, pending.layer.cache.press
     layer.append(key, value, pending.start_column)
-    with_weights = press.compress_decoding and press.needs_decode_attention
-    output, weights = ragged_attention(layer, query, scaling, pending.start_column, with_weights)
-    if press.compress_decoding:  # back to the budget: each row drops as many tokens as it just gained
-        for block, attention in zip(layer.blocks, weights, strict=True):
-            view = DecodeView(block, attention, layer.num_kv_heads, query.shape[1] // layer.num_kv_heads, layer.seen)
-            block.evict(press.decode_scores(view))
+    interval = press.evict_every
+    output, weights = ragged_attention(
+        layer, query, scaling, pending.start_column, with_weights=bool(interval) and press.needs_decode_attention
+    )
+    for block, attention in zip(layer.blocks, weights, strict=True) if interval else ():
+        view = DecodeView(block, attention, layer.num_kv_heads, query.shape[1] // layer.num_kv_heads, layer.seen)
+        press.observe(view)
+        if block.limits is not None and int((block.lengths - block.limits).max()) >= interval:
+            block.evict(press.decode_scores(view))  # back to the budget
     return output, None
 
 

@@ -104,7 +104,7 @@ class CompressedLayer(CacheLayerMixin):
             kept["scores"] = selection.running_scores.reshape(batch * heads, seq).gather(1, flat_idx)
         lengths = selection.lengths.reshape(-1).to(torch.long)
         budget, limits = self.cache.press.budget, None
-        if self.cache.press.compress_decoding and budget != 1:  # rows stay at their budget while decoding
+        if self.cache.press.evict_every and budget != 1:  # rows stay at their budget while decoding
             limits = torch.full_like(lengths, int(budget)) if budget > 1 else lengths.clone()
         self.blocks = build_blocks(kept, lengths, limits)
 

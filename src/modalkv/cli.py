@@ -46,7 +46,7 @@ def parse_budget(text: str) -> float | int:
 
 
 def parse_params(items: list[str] | None) -> dict[str, bool | int | float | str]:
-    """['kernel_size=7', 'pooling=max', 'compress_decoding=false'] -> {'kernel_size': 7, 'pooling': 'max', ...}."""
+    """['kernel_size=7', 'pooling=max', 'evict_every=0'] -> {'kernel_size': 7, 'pooling': 'max', ...}."""
     params: dict[str, bool | int | float | str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -167,7 +167,7 @@ def methods() -> None:
         params = [
             f"{f.name}={f.default}"
             for f in dataclasses.fields(press)
-            if f.name != "budget" and (f.name != "compress_decoding" or evicts_while_decoding)
+            if f.name != "budget" and (f.name != "evict_every" or evicts_while_decoding)
         ]
         summary = (press.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, summary, ", ".join(params))

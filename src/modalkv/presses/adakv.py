@@ -28,6 +28,8 @@ class AdaKVPress(Press):
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
         if isinstance(self.press, AdaKVPress) or type(self.press).score is Press.score:
             raise ValueError(f"adakv needs a scoring press inside, got {type(self.press).__name__}")
+        if self.press.evict_every:
+            raise ValueError("adakv keeps the head budgets it chose at prefill: no decode-time eviction inside it")
 
     def label(self) -> str:
         return f"adakv:{self.press.label()}" + (

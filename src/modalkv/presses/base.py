@@ -90,15 +90,17 @@ class Press:
     """
 
     budget: float | int = 1.0
-    compress_decoding: bool = False
+    evict_every: int = 0
     name: ClassVar[str] = ""
-    needs_decode_attention: ClassVar[bool] = False  # decode_scores() reads DecodeView.attention
+    needs_decode_attention: ClassVar[bool] = False  # observe() / decode_scores() read DecodeView.attention
     keeps_running_scores: ClassVar[bool] = False  # score() is also the running score stored per token
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        if self.compress_decoding and type(self).decode_scores is Press.decode_scores:
-            raise ValueError(f"{self.name} defines no decode-time eviction; compress_decoding must be False")
+        if self.evict_every < 0:
+            raise ValueError(f"evict_every must be >= 0 (0: no eviction while decoding), got {self.evict_every}")
+        if self.evict_every and type(self).decode_scores is Press.decode_scores:
+            raise ValueError(f"{self.name} defines no decode-time eviction; evict_every must be 0")
         for name, kind in get_type_hints(type(self)).items():
             value = getattr(self, name)
             if kind in (int, str, bool) and (type(value) is not kind):
@@ -119,9 +121,12 @@ class Press:
         """[B, H_kv, S] importance of each token for each KV head; higher is kept first."""
         raise NotImplementedError(f"{type(self).__name__} must define score()")
 
+    def observe(self, view: DecodeView) -> None:
+        """Called after every decoding step when `evict_every` > 0 (e.g. to accumulate attention)."""
+
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        """[n, L] keep-scores of the block's slots while decoding (with `compress_decoding`): every row over its
-        limit (its prefill budget, or the absolute budget) loses its lowest-scoring slots."""
+        """[n, L] keep-scores of the block's slots, every `evict_every` decoding steps: every row over its limit (its
+        prefill size, or the absolute budget) loses its lowest-scoring slots."""
         raise NotImplementedError(f"{type(self).__name__} defines no decode-time eviction")
 
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor | None:

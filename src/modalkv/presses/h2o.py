@@ -35,12 +35,12 @@ class H2OPress(Press):
     https://arxiv.org/abs/2306.14048. The budget is split between heavy hitters and the most recent tokens
     (`recent_ratio`, 0.5 as in the paper's equal split). Scores are the paper's plain sums of attention over all
     queries so far (not normalised by the number of queries that could see a token). GQA: the attention of the
-    query heads of a KV group is averaged. With `compress_decoding` (default) each new token's attention is added to
+    query heads of a KV group is averaged. With `evict_every=1` (default) each new token's attention is added to
     the running scores and the lowest-scoring token outside the recent window is evicted, so the cache stays at its
     budget while generating.
     """
 
-    compress_decoding: bool = True
+    evict_every: int = 1
     recent_ratio: float = 0.5
     name = "h2o"
     needs_decode_attention = True
@@ -59,11 +59,14 @@ class H2OPress(Press):
         seq = inputs.is_real.shape[-1]
         return torch.arange(seq, device=recent.device) >= seq - recent[:, None]
 
+    def observe(self, view: DecodeView) -> None:
+        # The new queries' attention, summed over them and averaged over the group, joins every slot's total.
+        view.block.slots["scores"][:, : view.block.max_length] += view.attention.sum(dim=1) / view.query_groups
+
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         block = view.block
         length = block.max_length
         scores = block.slots["scores"][:, :length]
-        scores += view.attention.sum(dim=1) / view.query_groups  # summed over new queries, averaged over the group
         recent = (block.limits * self.recent_ratio).long()  # [n]
         is_recent = block.columns[:, :length] >= view.seen - recent[:, None]
         return scores.masked_fill(is_recent, float("inf"))

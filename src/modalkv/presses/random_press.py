@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modalkv.presses.base import PrefillInputs, Press
+from modalkv.presses.base import DecodeView, PrefillInputs, Press
 
 
 @dataclass
@@ -16,6 +16,7 @@ class RandomPress(Press):
 
     Unlike kvpress, which calls `torch.manual_seed`, the scores come from a local `torch.Generator` (on the CPU, so
     a seed gives the same tokens on every device): the global RNG, and so sampling in `generate()`, is untouched.
+    With `evict_every=N`, random tokens are evicted every N decoding steps.
     """
 
     seed: int | None = None
@@ -27,9 +28,18 @@ class RandomPress(Press):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
 
     def score(self, inputs: PrefillInputs) -> torch.Tensor:
+        return self._draw(inputs.keys.shape[:3], self.seed).to(inputs.keys.device)  # [B, H_kv, S]
+
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        # With `evict_every`: a fresh draw per eviction, reproducible from (seed, tokens seen).
+        seed = None if self.seed is None else hash((self.seed, view.seen)) % 2**63
+        return self._draw((len(view.block.rows), view.block.max_length), seed).to(view.block.keys.device)
+
+    @staticmethod
+    def _draw(shape: tuple[int, ...], seed: int | None) -> torch.Tensor:
         generator = torch.Generator()
-        if self.seed is None:
+        if seed is None:
             generator.seed()  # nondeterministic, from OS entropy
         else:
-            generator.manual_seed(self.seed)
-        return torch.rand(inputs.keys.shape[:3], generator=generator).to(inputs.keys.device)  # [B, H_kv, S]
+            generator.manual_seed(seed)
+        return torch.rand(shape, generator=generator)

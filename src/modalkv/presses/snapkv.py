@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from modalkv.presses.base import PrefillInputs, Press
+from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection
 
 
 def window_attention(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
@@ -30,12 +30,18 @@ class SnapKVPress(Press):
     Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", https://arxiv.org/abs/2404.14469.
     Defaults as kvpress 0.5 (window 64, average pooling with kernel 5); the window itself is always kept. GQA:
     scores are averaged over the query heads of each KV group (kvpress, SnapKV issue #22).
+
+    With `evict_every=N` (off by default; SnapKV itself compresses once) the same idea runs while decoding: the N
+    tokens generated since the last eviction are the observation window, their attention (summed over them,
+    averaged over the group) scores the stored tokens, and every N steps each row drops back to its budget,
+    keeping the window. No pooling there: stored slots are not in sequence order.
     """
 
     window_size: int = 64
     kernel_size: int = 5
     pooling: str = "avg"
     name = "snapkv"
+    needs_decode_attention = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,3 +69,19 @@ class SnapKVPress(Press):
         seq = inputs.is_real.shape[-1]
         in_window = torch.arange(seq, device=inputs.is_real.device) >= seq - self.window_size
         return inputs.is_real & in_window
+
+    def select(self, inputs: PrefillInputs) -> Selection:
+        selection = super().select(inputs)
+        if self.evict_every:  # a per-slot sum of the decode-time window's attention
+            selection.running_scores = inputs.keys.new_zeros(inputs.keys.shape[:3], dtype=torch.float32)
+        return selection
+
+    def observe(self, view: DecodeView) -> None:
+        view.block.slots["scores"][:, : view.block.max_length] += view.attention.sum(dim=1) / view.query_groups
+
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        block, length = view.block, view.block.max_length
+        scores = block.slots["scores"][:, :length].clone()
+        block.slots["scores"][:, :length] = 0  # the next observation window starts now
+        in_window = block.columns[:, :length] >= view.seen - self.evict_every
+        return scores.masked_fill(in_window, float("inf"))

@@ -11,12 +11,12 @@ class StreamingLLMPress(Press):
 
     Xiao et al., "Efficient Streaming Language Models with Attention Sinks", https://arxiv.org/abs/2309.17453.
     Default `num_sinks=4` as in the paper and kvpress. The recent window is whatever the budget leaves after the
-    sinks, so every head keeps the same tokens. With `compress_decoding` (the default, as the method is defined)
+    sinks, so every head keeps the same tokens. With `evict_every=1` (the default, as the method is defined)
     the window slides while generating: each new token evicts the oldest non-sink token, so the cache never
     exceeds its budget.
     """
 
-    compress_decoding: bool = True
+    evict_every: int = 1
     num_sinks: int = 4
     name = "streaming_llm"
 

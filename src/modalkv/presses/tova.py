@@ -12,11 +12,11 @@ class TOVAPress(Press):
 
     Oren et al., "Transformers are Multi-State RNNs", https://arxiv.org/abs/2401.06104. As kvpress 0.5
     (`tova_press.py`): no hyperparameters besides the budget. GQA: the last query's attention is averaged over ALL
-    query heads (not per KV group), so every KV head keeps the same tokens. With `compress_decoding` (default, as
+    query heads (not per KV group), so every KV head keeps the same tokens. With `evict_every=1` (default, as
     TOVA is defined) each new token's attention, averaged the same way, evicts the lowest-scoring cached token.
     """
 
-    compress_decoding: bool = True
+    evict_every: int = 1
     name = "tova"
     needs_decode_attention = True
 

@@ -9,7 +9,13 @@ from transformers import DynamicCache
 from modalkv import CompressedCache, get_press
 from modalkv.presses.base import Press
 
-KEEP_ALL = [("full", 1.0), ("snapkv", 1.0), ("streaming_llm", 1.0), ("snapkv", 10_000)]
+# Every method at budget 1.0 (and one absolute budget above the prompt) must be `full`, decode-time eviction included.
+KEEP_ALL = [
+    ("full", 1.0),
+    *((name, 1.0) for name in ("streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "random", "lookm")),
+    ("adakv:snapkv", 1.0),
+    ("snapkv", 10_000),
+]
 
 
 def greedy(model, ids, cache, steps=12, **kw):

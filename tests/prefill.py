@@ -9,7 +9,7 @@ from modalkv.presses.base import PrefillInputs, Press
 
 
 def make_inputs(
-    batch=1, heads=4, kv_heads=2, seq=20, dim=8, is_real=None, seed=0, num_layers=4, layer_idx=0
+    batch=1, heads=4, kv_heads=2, seq=20, dim=8, is_real=None, seed=0, num_layers=4, layer_idx=0, modality=None
 ) -> PrefillInputs:
     """Seeded random queries/keys/values; `module` carries just the config fields presses read."""
     gen = torch.Generator().manual_seed(seed)
@@ -21,6 +21,7 @@ def make_inputs(
         values=torch.randn(batch, kv_heads, seq, dim, generator=gen),
         is_real=torch.ones(batch, seq, dtype=torch.bool) if is_real is None else is_real,
         scaling=1 / math.sqrt(dim),
+        modality=modality,
     )
 
 

@@ -12,7 +12,10 @@ from modalkv.presses.base import Press
 # Every method at budget 1.0 (and one absolute budget above the prompt) must be `full`, decode-time eviction included.
 KEEP_ALL = [
     ("full", 1.0),
-    *((name, 1.0) for name in ("streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "random", "lookm")),
+    *(
+        (name, 1.0)
+        for name in ("streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "random", "lookm", "madakv")
+    ),
     ("adakv:snapkv", 1.0),
     ("snapkv", 10_000),
 ]

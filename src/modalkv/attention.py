@@ -60,6 +60,7 @@ def modalkv_attention(
                 is_real=real_tokens(attention_mask, key),
                 scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
                 modality=modality,
+                state=pending.layer.cache.press_state,
             )
             pending.layer.store_prefill(key, value, pending.layer.cache.press.select(inputs))
         return output, None

@@ -216,6 +216,7 @@ class CompressedCache(Cache):
         super().__init__(layers=[])
         self.press = press
         self.modality = modality
+        self.press_state: dict = {}  # what a press carries from one layer's prefill to the next (e.g. budgets)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

@@ -6,6 +6,7 @@ from modalkv.presses.full import FullPress
 from modalkv.presses.h2o import H2OPress
 from modalkv.presses.knorm import KnormPress
 from modalkv.presses.lookm import LookMPress
+from modalkv.presses.madakv import MadaKVPress
 from modalkv.presses.pyramidkv import PyramidKVPress
 from modalkv.presses.random_press import RandomPress
 from modalkv.presses.snapkv import SnapKVPress
@@ -24,6 +25,7 @@ PRESSES: dict[str, type[Press]] = {
         KnormPress,
         RandomPress,
         LookMPress,
+        MadaKVPress,
     )
 }
 
@@ -50,6 +52,7 @@ __all__ = [
     "H2OPress",
     "KnormPress",
     "LookMPress",
+    "MadaKVPress",
     "PrefillInputs",
     "Press",
     "PyramidKVPress",

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modalkv.presses.base import PrefillInputs, Press, Selection, tokens_for_budget
+from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
 from modalkv.presses.snapkv import SnapKVPress
 
 
@@ -59,8 +59,4 @@ class AdaKVPress(Press):
         flat_top = flat_top.masked_fill(torch.arange(flat_top.shape[-1], device=flat_top.device) >= total[:, None], -1)
         keep = torch.zeros(batch, heads * seq + 1, dtype=torch.bool, device=scores.device)
         keep.scatter_(1, flat_top % (heads * seq + 1), True)  # the -1 entries land in the spare last column
-        keep = keep[:, :-1].view(batch, heads, seq)
-        lengths = keep.sum(-1)
-        positions = torch.arange(seq, device=keep.device)
-        indices = torch.where(keep, positions, seq).sort(dim=-1).values[..., : int(lengths.max())]
-        return Selection(indices.clamp(max=seq - 1), lengths)
+        return selection_from_mask(keep[:, :-1].view(batch, heads, seq))

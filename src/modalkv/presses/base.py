@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, get_type_hints
 
 import torch
@@ -31,6 +31,7 @@ class PrefillInputs:
     is_real: torch.Tensor  # [B, S] bool, False for padding
     scaling: float
     modality: torch.Tensor | None = None  # [B, S] long: TEXT, IMAGE or VIDEO per token (modality.py); None: text
+    state: dict = field(default_factory=dict)  # per cache, shared by its layers (budgets carried layer to layer)
 
     @property
     def num_layers(self) -> int:
@@ -61,6 +62,15 @@ class DecodeView:
     num_kv_heads: int
     query_groups: int  # G, query heads per KV head
     seen: int  # sequence columns seen so far (the next token's column)
+
+
+def selection_from_mask(keep: torch.Tensor) -> Selection:
+    """The `Selection` of a [B, H_kv, S] keep mask (any number of tokens per row)."""
+    seq = keep.shape[-1]
+    lengths = keep.sum(-1)
+    positions = torch.arange(seq, device=keep.device)
+    indices = torch.where(keep, positions, seq).sort(dim=-1).values[..., : max(int(lengths.max()), 1)]
+    return Selection(indices.clamp(max=seq - 1), lengths)
 
 
 def check_budget(budget: float | int) -> None:

@@ -1,0 +1,139 @@
+from dataclasses import dataclass
+
+import torch
+
+from modalkv.modality import TEXT
+from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
+from modalkv.presses.snapkv import window_attention
+
+
+def share(total: torch.Tensor, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Splits integer `total` [...] into parts [..., k] proportional to `weights`, each at most `capacity`, summing
+    exactly to `total` (which must not exceed capacity.sum(-1)): capped parts are fixed and the rest re-split, then
+    floors plus largest remainders."""
+    weights = weights.double().clamp(min=0) + 1e-9  # a part with zero weight still takes what others cannot
+    fixed = torch.zeros_like(capacity, dtype=torch.bool)
+    for _ in range(capacity.shape[-1]):
+        free = (total - (capacity * fixed).sum(-1)).double()
+        open_weights = torch.where(fixed, 0.0, weights)
+        ideal = torch.where(fixed, capacity.double(), free[..., None] * open_weights / open_weights.sum(-1, True))
+        over = ~fixed & (ideal > capacity)
+        if not bool(over.any()):
+            break
+        fixed |= over
+    part = ideal.floor().long().minimum(capacity)
+    short = total - part.sum(-1)
+    remainder = torch.where(part < capacity, ideal - part, -1.0)
+    rank = remainder.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return part + (rank < short[..., None]).long()
+
+
+def coverage(psi: torch.Tensor, members: torch.Tensor, theta: float) -> torch.Tensor:
+    """[B, H] fewest tokens of `members` [B, S] whose psi [B, H, S] mass reaches theta of the members' mass."""
+    mass = psi.masked_fill(~members[:, None], 0).sort(dim=-1, descending=True).values.cumsum(-1)
+    needed = (mass < theta * mass[..., -1:]).sum(-1) + 1
+    return torch.minimum(needed, members.sum(-1)[:, None])
+
+
+def top_within(psi: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[B, H, S] mask of the top-`counts` [B, H] tokens by psi among `members` [B, S]."""
+    batch, heads, seq = psi.shape
+    keep = torch.zeros(batch, heads, seq + 1, dtype=torch.bool, device=psi.device)
+    if int(counts.max()) > 0:
+        top = psi.masked_fill(~members[:, None], float("-inf")).topk(int(counts.max()), dim=-1).indices
+        top = top.masked_fill(torch.arange(top.shape[-1], device=top.device) >= counts[..., None], seq)
+        keep.scatter_(-1, top, True)
+    return keep[..., :seq]
+
+
+@dataclass
+class MadaKVPress(Press):
+    """MadaKV: modality-adaptive eviction (Modality Preference Adaptation + Hierarchical Compression Compensation).
+
+    Li et al., "MadaKV: Adaptive Modality-Perception KV Cache Eviction for Efficient Multimodal Long-Context
+    Inference", ACL 2025, https://arxiv.org/abs/2506.15724 (no public code; our resolutions of the paper's
+    ambiguities A1-A14 are in docs/madakv.md). Importance psi = attention of the last `window_size` prompt tokens
+    (the proxies, kept within the budget), summed over them, averaged over the query heads of a KV group.
+
+    MPA (`mpa`): each KV head splits what it keeps between visual (image/video) and text tokens in proportion to its
+    psi mass on each, and keeps the top psi within each modality. HCC (`hcc`): each head's demand is the fewest
+    tokens covering `theta` of its psi mass per modality; a layer spends its heads' demand (each head clamped to
+    [proxies + 1, 2 phi^l]) and the budget recursion phi^{l+1} = phi^l - (K^l / H) / (L - l), K^l = sum_h (spent -
+    phi^l), passes the difference on, so all layers and heads together keep exactly L * H * budget tokens (the last
+    layer takes the remainder; a layer never takes so much or so little that later layers cannot meet it).
+    `literal_hcc` instead keeps phi^l per head in every layer and applies phi^{l+1} = phi^l - K^l / (L - l) with
+    K^l = sum_h (demand - phi^l), as the equations read literally (total not preserved). Text-only prompts have no
+    visual mass: MPA keeps the plain top psi.
+    """
+
+    window_size: int = 32
+    theta: float = 0.9
+    mpa: bool = True
+    hcc: bool = True
+    literal_hcc: bool = False
+    name = "madakv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        if not 0 < self.theta <= 1:
+            raise ValueError(f"theta must be in (0, 1], got {self.theta}")
+
+    def importance(self, inputs: PrefillInputs) -> torch.Tensor:
+        """psi [B, H_kv, S]: proxy attention summed over the proxies, averaged over the KV group's query heads."""
+        batch, heads, seq = inputs.keys.shape[:3]
+        attention = window_attention(inputs, self.window_size)  # [B, H_kv, G * w, S]
+        groups = inputs.queries.shape[1] // heads
+        return attention.view(batch, heads, groups, -1, seq).sum(dim=3).mean(dim=2)
+
+    def select(self, inputs: PrefillInputs) -> Selection:
+        is_real = inputs.is_real
+        seq = is_real.shape[-1]
+        num_real = is_real.sum(-1)
+        target = tokens_for_budget(self.budget, num_real)  # [B] kept per head, on average over layers and heads
+        if bool((target == num_real).all()):
+            return Press.select(self, inputs)  # nothing to evict
+        # The proxies count within the budget and are kept while it allows (at most budget - 1 of them).
+        kept_proxies = (target - 1).clamp(max=self.window_size)
+        proxy = is_real & (torch.arange(seq, device=is_real.device) >= seq - kept_proxies[:, None])
+        candidates = is_real & ~proxy
+        visual = candidates & (inputs.modality != TEXT) if inputs.modality is not None else torch.zeros_like(candidates)
+        text = candidates & ~visual
+        psi = self.importance(inputs)
+        spend = self.layer_spend(inputs, psi, visual, text, target, proxy.sum(-1))  # [B, H], proxies included
+        selectable = spend - proxy.sum(-1)[:, None]
+        if not self.mpa:
+            return selection_from_mask(proxy[:, None] | top_within(psi, candidates, selectable))
+        mass = torch.stack([(psi * visual[:, None]).sum(-1), (psi * text[:, None]).sum(-1)], dim=-1)
+        sizes = torch.stack([visual.sum(-1), text.sum(-1)], dim=-1)[:, None].expand_as(mass)
+        parts = share(selectable, mass, sizes)  # [B, H, 2]: visual, text
+        keep = top_within(psi, visual, parts[..., 0]) | top_within(psi, text, parts[..., 1])
+        return selection_from_mask(proxy[:, None] | keep)
+
+    def layer_spend(self, inputs, psi, visual, text, target, num_proxy) -> torch.Tensor:
+        """[B, H] tokens each head of this layer keeps (HCC), updating the budgets carried to the next layer."""
+        heads, layers, index = psi.shape[1], inputs.num_layers, inputs.layer_idx
+        num_real = inputs.is_real.sum(-1)
+        state = inputs.state
+        if index == 0:
+            state["phi"], state["remaining"] = target.double(), layers * heads * target
+        phi, remaining, left = state["phi"], state["remaining"], layers - index
+        low, high = (num_proxy + 1).minimum(num_real), num_real
+        demand = coverage(psi, visual, self.theta) + coverage(psi, text, self.theta) + num_proxy[:, None]
+        if self.literal_hcc or not self.hcc:
+            spend = phi.round().long().clamp(low, high)[:, None].expand_as(demand)
+            if self.literal_hcc and left > 1:
+                state["phi"] = phi - (demand - phi[:, None]).sum(-1) / (left - 1)
+            return spend
+        wanted = demand.clamp(low[:, None], torch.minimum(high, (2 * phi).long())[:, None])
+        total = remaining if left == 1 else wanted.sum(-1)
+        floor = torch.maximum(heads * low, remaining - (left - 1) * heads * high)
+        total = total.clamp(floor, torch.minimum(heads * high, remaining - (left - 1) * heads * low))
+        spend = low[:, None] + share(
+            total - heads * low, wanted - low[:, None], (high - low)[:, None].expand_as(wanted)
+        )
+        if left > 1:  # phi^{l+1} = phi^l - (K^l / H) / (L - l): the running-total form of the paper's recursion
+            state["phi"] = phi - (spend.sum(-1) - heads * phi) / heads / (left - 1)
+        state["remaining"] = remaining - spend.sum(-1)
+        return spend

@@ -204,6 +204,34 @@ def test_inspect_lookm_keeps_every_text_token(passkey_file: Path, tmp_path: Path
     assert all(heads == [everything] * 3 for heads in record["layers"])
 
 
+@pytest.mark.slow
+def test_heads_draws_madakv_preferences_and_saves_the_numbers(tmp_path: Path, tokenizer) -> None:
+    text = passkey_example(tokenizer, 400, depth=0.5, seed=5).text
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(text, encoding="utf-8")
+    tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+    modality = tmp_path / "modality.json"
+    modality.write_text(json.dumps([1 if 50 <= i < 250 else 0 for i in range(tokens)]))
+    out = tmp_path / "heads.png"
+    result = invoke("heads", "--prompt-file", prompt, "--raw", "--modality-file", modality, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert len(record["visual_preference"]) == 30 and len(record["visual_preference"][0]) == 3
+    assert all(0 < p < 1 for layer in record["visual_preference"] for p in layer)  # both modalities drew attention
+    assert sum(map(sum, record["kept_per_head"])) == 30 * 3 * int(0.2 * tokens)  # HCC keeps exactly the budget
+    modality.write_text(json.dumps([0] * (tokens - 1)))
+    assert_fails(
+        invoke("heads", "--prompt-file", prompt, "--raw", "--modality-file", modality, "--out", out),
+        f"the modality map has shape (1, {tokens - 1}) but the prompt is 1 x {tokens} tokens",
+    )
+    modality.write_text("[0, 1, ")
+    assert_fails(
+        invoke("heads", "--prompt-file", prompt, "--raw", "--modality-file", modality, "--out", out),
+        "cannot read the modality file",
+    )
+
+
 def test_methods_lists_every_method() -> None:
     result = invoke("methods")
     assert result.exit_code == 0

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from modalkv.cache import CompressedCache
 from modalkv.generation import encode_prompt, generate_timed
+from modalkv.modality import modality_from_input_ids
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
 from modalkv.presses import PRESSES, Press, get_press
 from modalkv.presses.base import check_prompt_length
@@ -30,6 +31,12 @@ PromptOption = Annotated[str | None, typer.Option(help="prompt text")]
 PromptFileOption = Annotated[Path | None, typer.Option(help="plain-text prompt file")]
 RawOption = Annotated[bool, typer.Option(help="tokenise the prompt as is: no chat template, no special tokens")]
 DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+ModalityOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="JSON list of modality codes per prompt token (0 text, 1 image, 2 video); default: from the model"
+    ),
+]
 ParamOption = Annotated[
     list[str] | None,
     typer.Option("--param", "-p", help="method parameter KEY=VALUE (repeatable), e.g. pooling=max"),
@@ -84,6 +91,30 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt
 
 
+def read_modality(path: Path | None) -> torch.Tensor | None:
+    """[1, S] modality map from a JSON list of codes, or None."""
+    if path is None:
+        return None
+    try:
+        codes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise typer.BadParameter(f"cannot read the modality file {path}: {error}") from None
+    if not isinstance(codes, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
+        raise typer.BadParameter(f"the modality file {path} must hold a JSON list of integers")
+    return torch.tensor([codes], dtype=torch.long)
+
+
+def prefill(lm, press, inputs: dict, modality: torch.Tensor | None) -> CompressedCache:
+    """Runs the prompt's prefill through `press` and returns the compressed cache."""
+    check_prompt_length(lm, inputs["input_ids"].shape[1])
+    if modality is None:
+        modality = modality_from_input_ids(lm.config, inputs["input_ids"])
+    cache = CompressedCache(press, modality=modality)
+    with console.status("prefill"), press.attach(lm), torch.no_grad():
+        lm(**inputs, past_key_values=cache, use_cache=True)
+    return cache
+
+
 def fail(error: Exception) -> typer.Exit:
     console.print(f"[red]error:[/red] {error}")
     return typer.Exit(code=2)
@@ -130,21 +161,20 @@ def inspect(
     prompt_file: PromptFileOption = None,
     raw: RawOption = False,
     dtype: DtypeOption = "float32",
+    modality_file: ModalityOption = None,
     param: ParamOption = None,
 ) -> None:
     """Run the prefill with a method and write the kept token positions of every layer and KV head."""
     text = read_prompt(prompt, prompt_file)
+    modality = read_modality(modality_file)
     try:
         press = make_press(method, budget, param)
         with console.status(f"loading {model}"):
             lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
         inputs = encode_prompt(tokenizer, text, raw=raw)
-        check_prompt_length(lm, inputs["input_ids"].shape[1])
+        cache = prefill(lm, press, inputs, modality)
     except ValueError as error:
         raise fail(error) from error
-    cache = CompressedCache(press)
-    with console.status("prefill"), press.attach(lm), torch.no_grad():
-        lm(**inputs, past_key_values=cache, use_cache=True)
     record = {
         "method": method,
         "budget": press.budget,
@@ -154,6 +184,51 @@ def inspect(
     dump_kept.write_text(json.dumps(record))
     kept = sum(len(head) for layer in record["layers"] for head in layer)
     console.print(f"wrote {dump_kept}: {kept} kept (layer, head, token) entries, {len(record['layers'])} layers")
+
+
+@app.command()
+def heads(
+    out: Annotated[Path, typer.Option(help="figure to write (PNG); the numbers go to the same name with .json")],
+    model: ModelOption = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="madakv (the method whose head preferences are drawn)")] = "madakv",
+    budget: BudgetOption = "0.2",
+    prompt: PromptOption = None,
+    prompt_file: PromptFileOption = None,
+    raw: RawOption = False,
+    modality_file: ModalityOption = None,
+    param: ParamOption = None,
+) -> None:
+    """MadaKV's head preferences: visual share of each KV head's attention per layer, and per-layer budgets."""
+    from modalkv.plots import head_preference_figure
+
+    text = read_prompt(prompt, prompt_file)
+    modality = read_modality(modality_file)
+    try:
+        if method != "madakv":
+            raise ValueError(f"heads draws MadaKV's modality preferences; got method {method!r}")
+        press = make_press(method, budget, param)
+        with console.status(f"loading {model}"):
+            lm, tokenizer = load_model(model)
+        inputs = encode_prompt(tokenizer, text, raw=raw)
+        stats = prefill(lm, press, inputs, modality).press_state.get("heads")
+        if not stats:
+            raise ValueError("nothing was compressed (the budget keeps the whole prompt): no preferences to draw")
+        layers = sorted(stats)
+        record = {
+            "method": press.label(),
+            "budget": press.budget,
+            "prompt_tokens": inputs["input_ids"].shape[1],
+            "visual_preference": [stats[i][0][0].tolist() for i in layers],
+            "kept_per_head": [stats[i][1][0].tolist() for i in layers],
+        }
+        figure = head_preference_figure(
+            record["visual_preference"], record["kept_per_head"], f"{press.label()}, budget {press.budget}, {model}"
+        )
+    except ValueError as error:
+        raise fail(error) from error
+    figure.savefig(out, dpi=120)
+    out.with_suffix(".json").write_text(json.dumps(record))
+    console.print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 @app.command()

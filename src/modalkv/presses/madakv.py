@@ -106,6 +106,9 @@ class MadaKVPress(Press):
         if not self.mpa:
             return selection_from_mask(proxy[:, None] | top_within(psi, candidates, selectable))
         mass = torch.stack([(psi * visual[:, None]).sum(-1), (psi * text[:, None]).sum(-1)], dim=-1)
+        # For `modalkv heads`: each head's visual preference w_v / (w_v + w_t) and what it keeps, per layer.
+        stats = inputs.state.setdefault("heads", {})
+        stats[inputs.layer_idx] = ((mass[..., 0] / mass.sum(-1).clamp(min=1e-30)).cpu(), spend.cpu())
         sizes = torch.stack([visual.sum(-1), text.sum(-1)], dim=-1)[:, None].expand_as(mass)
         parts = share(selectable, mass, sizes)  # [B, H, 2]: visual, text
         keep = top_within(psi, visual, parts[..., 0]) | top_within(psi, text, parts[..., 1])

@@ -68,15 +68,17 @@ def modalkv_attention(
         raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")
     layer, press = pending.layer, pending.layer.cache.press
     layer.append(key, value, pending.start_column)
-    interval = press.evict_every
+    # Only rows with a limit evict: none at budget 1.0, so that budget stays exactly `full` (and plain sdpa).
+    interval = press.evict_every if any(block.limits is not None for block in layer.blocks) else 0
     output, weights = ragged_attention(
         layer, query, scaling, pending.start_column, with_weights=bool(interval) and press.needs_decode_attention
     )
-    for block, attention in zip(layer.blocks, weights, strict=True) if interval else ():
-        view = DecodeView(block, attention, layer.num_kv_heads, query.shape[1] // layer.num_kv_heads, layer.seen)
-        press.observe(view)
-        if block.limits is not None and int((block.lengths - block.limits).max()) >= interval:
-            block.evict(press.decode_scores(view))  # back to the budget
+    if interval:
+        for block, attention in zip(layer.blocks, weights, strict=True):
+            view = DecodeView(block, attention, layer.num_kv_heads, query.shape[1] // layer.num_kv_heads, layer.seen)
+            press.observe(view)
+            if int((block.lengths - block.limits).max()) >= interval:
+                block.evict(press.decode_scores(view))  # back to the budget
     return output, None
 
 

@@ -250,6 +250,84 @@ def methods() -> None:
     Console(width=160).print(table)
 
 
+BENCH_COLUMNS = [
+    ("method", lambda row: row["method"]),
+    ("budget", lambda row: str(row["budget"])),
+    ("context", lambda row: str(row["context"])),
+    ("decode ms/token", lambda row: f"{row['decode_ms_per_token']:.1f}"),
+    ("speed-up vs DynamicCache", lambda row: f"{row['decode_speedup']:.2f}x"),
+    ("vs 256-token floor", lambda row: f"{row['vs_floor']:.2f}"),
+    ("cache ratio", lambda row: f"{row['cache_ratio']:.3f}"),
+    ("prefill s", lambda row: f"{row['prefill_seconds']:.2f}"),
+]
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="folder for bench.json")],
+    model: ModelOption = DEFAULT_MODEL,
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "snapkv,streaming_llm",
+    budgets: Annotated[str, typer.Option(help="comma-separated budgets")] = "0.2",
+    context: Annotated[str, typer.Option(help="comma-separated context lengths (tokens)")] = "1024,2048,4096",
+    decode_tokens: Annotated[int, typer.Option(min=3)] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="interleaved rounds per context")] = 1,
+    dtype: DtypeOption = "float32",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+) -> None:
+    """Decode speed, prefill time and memory per method and budget, as ratios to the uncompressed cache."""
+    from modalkv.bench import run_grid
+    from modalkv.eval.passkey import passkey_example
+
+    try:
+        presses = [get_press(m, budget=parse_budget(b)) for m in methods.split(",") for b in budgets.split(",")]
+        lengths = [int(n) for n in context.split(",")]
+        with console.status(f"loading {model}"):
+            lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
+        for length in lengths:
+            check_prompt_length(lm, length, decode_tokens)
+    except ValueError as error:
+        raise fail(error) from error
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    def prompt_of_length(length: int) -> torch.Tensor:
+        text = passkey_example(tokenizer, length + 64, seed=length).text
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
+
+    total = len(lengths) * repeats * (len(presses) + 2)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=total)
+        rows = run_grid(
+            lm,
+            prompt_of_length,
+            presses,
+            lengths,
+            decode_tokens,
+            repeats,
+            on_run=lambda run: progress.update(task, advance=1, description=f"{run.method} at {run.context}"),
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "model": model,
+                "dtype": dtype,
+                "threads": torch.get_num_threads(),
+                "decode_tokens": decode_tokens,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    table = Table(title=f"{model}, {dtype}, {torch.get_num_threads()} threads; ratios measured in the same run")
+    for column, _ in BENCH_COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(show(row) for _, show in BENCH_COLUMNS))
+    Console(width=160).print(table)
+    console.print(f"wrote {out / 'bench.json'}")
+
+
 @app.command()
 def demo(
     model: ModelOption = DEFAULT_MODEL,

@@ -1,0 +1,53 @@
+"""The benchmark's bookkeeping: cells, ratios to the same-run baseline and floor, and the CLI's output."""
+
+import json
+
+import pytest
+import torch
+from test_cli import assert_fails, invoke
+
+from modalkv import get_press
+from modalkv.bench import FLOOR_CONTEXT, measure, run_grid
+
+
+def prompt_of_length(length: int) -> torch.Tensor:
+    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(length))
+
+
+def test_measure_counts_the_cache_it_holds(model):
+    baseline = measure(model, None, prompt_of_length(40), decode_tokens=4)
+    assert baseline.method == "dynamic_cache" and baseline.cache_bytes == baseline.full_cache_bytes
+    assert baseline.full_cache_bytes == 2 * 2 * 44 * 2 * 16 * 4  # layers x KV heads x tokens x (K + V) x D x fp32
+    run = measure(model, get_press("snapkv", budget=0.5, window_size=4), prompt_of_length(40), decode_tokens=4)
+    assert run.cache_bytes == 2 * 2 * (20 + 4) * 2 * 16 * 4 and run.full_cache_bytes == baseline.full_cache_bytes
+    assert run.prefill_seconds > 0 and run.decode_ms_per_token > 0
+
+
+def test_grid_reports_ratios_to_the_baseline_and_floor_of_the_same_run(model):
+    presses = [get_press("snapkv", budget=0.5, window_size=4), get_press("streaming_llm", budget=0.25)]
+    seen = []
+    rows = run_grid(model, prompt_of_length, presses, [40, 80], decode_tokens=4, repeats=2, on_run=seen.append)
+    assert len(seen) == 2 * 2 * (2 + 2)  # contexts x repeats x (baseline, floor, 2 presses)
+    assert {run.context for run in seen} == {40, 80, FLOOR_CONTEXT}
+    assert [(row["method"], row["context"]) for row in rows] == [
+        ("snapkv(window_size=4)", 40),
+        ("streaming_llm", 40),
+        ("snapkv(window_size=4)", 80),
+        ("streaming_llm", 80),
+    ]
+    for row in rows:
+        assert row["repeats"] == 2
+        assert row["decode_speedup"] == pytest.approx(row["baseline_ms_per_token"] / row["decode_ms_per_token"])
+        assert row["vs_floor"] == pytest.approx(row["decode_ms_per_token"] / row["floor_ms_per_token"])
+    streaming_80 = rows[3]
+    assert streaming_80["cache_ratio"] == pytest.approx(20 / (80 + 4))  # evicts while decoding: stays at 20 tokens
+
+
+@pytest.mark.slow
+def test_bench_cli_writes_json_and_refuses_contexts_past_the_model(tmp_path):
+    result = invoke("bench", "--context", "300", "--decode-tokens", "3", "--methods", "snapkv", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert [row["context"] for row in record["rows"]] == [300] and record["rows"][0]["cache_ratio"] < 0.23
+    assert_fails(invoke("bench", "--context", "9000", "--out", tmp_path), "handles at most 8192 positions")
+    assert_fails(invoke("bench", "--methods", "nope", "--out", tmp_path), "unknown method 'nope'")

@@ -274,7 +274,7 @@ def bench(
     dtype: DtypeOption = "float32",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
 ) -> None:
-    """Decode speed, prefill time and memory per method and budget, as ratios to the uncompressed cache."""
+    """Decode speed, prefill time and cache size per method and budget, as ratios to the uncompressed cache."""
     from modalkv.bench import run_grid
     from modalkv.eval.passkey import passkey_example
 

@@ -4,6 +4,7 @@ import gc
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import DynamicCache
 
 from modalkv import CompressedCache, get_press
@@ -227,3 +228,20 @@ def test_decode_growth_is_amortised(model, prompt):
     assert block.max_length == 12 + 100
     assert reallocations <= 6
     assert block.capacity <= block.max_length * 9 // 8 + 16
+
+
+def test_bfloat16_keep_all_equals_dynamic_cache_and_bytes_use_two_byte_elements(prompt):
+    model = tiny_llama().to(torch.bfloat16)
+    reference = greedy(model, prompt, DynamicCache())
+    press = get_press("full")
+    cache = CompressedCache(press)
+    with press.attach(model):
+        out = greedy(model, prompt, cache)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert max_logit_gap(out.logits, reference.logits) == 0
+    assert cache.full_cache_bytes() == 2 * 2 * (48 + 11) * 2 * 16 * 2  # bf16: 2 bytes per element
+    compressed = CompressedCache(get_press("snapkv", budget=0.5, window_size=8))
+    with compressed.press.attach(model):
+        greedy(model, prompt, compressed)
+    assert compressed.layers[0].blocks[0].keys.dtype == torch.bfloat16
+    assert compressed.cache_bytes() == 2 * 2 * (24 + 11) * 2 * 16 * 2

@@ -232,6 +232,20 @@ def test_heads_draws_madakv_preferences_and_saves_the_numbers(tmp_path: Path, to
     )
 
 
+@pytest.mark.slow
+def test_generate_reads_a_modality_file(tmp_path: Path, tokenizer) -> None:
+    """LOOK-M keeps every text token: with no map it keeps everything, with image tokens it evicts some of them."""
+    text = "Describe the picture. " * 40
+    tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+    modality = tmp_path / "modality.json"
+    modality.write_text(json.dumps([1 if i < 100 else 0 for i in range(tokens)]))
+    args = ["generate", "--raw", "--prompt", text, "--method", "lookm", "--budget", "0.2", "--max-new-tokens", "2"]
+    without = json.loads(invoke(*args, "--json").stdout)
+    with_map = json.loads(invoke(*args, "--json", "--modality-file", modality).stdout)
+    assert without["cache_bytes"] == without["full_cache_bytes"]
+    assert with_map["cache_bytes"] < 0.5 * with_map["full_cache_bytes"]
+
+
 def test_methods_lists_every_method() -> None:
     result = invoke("methods")
     assert result.exit_code == 0

@@ -131,18 +131,20 @@ def generate(
     min_new_tokens: Annotated[int, typer.Option(min=0)] = 0,
     raw: RawOption = False,
     dtype: DtypeOption = "float32",
+    modality_file: ModalityOption = None,
     param: ParamOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Generate an answer with a compressed KV cache."""
     text = read_prompt(prompt, prompt_file)
+    modality = read_modality(modality_file)
     try:
         press = make_press(method, budget, param)
         with console.status(f"loading {model}"):
             lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
         inputs = encode_prompt(tokenizer, text, raw=raw)
         with console.status(f"prefill of {inputs['input_ids'].shape[1]} tokens and decoding with {method}"):
-            result = generate_timed(lm, tokenizer, press, inputs, max_new_tokens, min_new_tokens)
+            result = generate_timed(lm, tokenizer, press, inputs, max_new_tokens, min_new_tokens, modality)
     except ValueError as error:
         raise fail(error) from error
     if as_json:

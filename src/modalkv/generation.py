@@ -60,13 +60,16 @@ def generate_timed(
     inputs: dict[str, torch.Tensor],
     max_new_tokens: int,
     min_new_tokens: int = 0,
+    modality: torch.Tensor | None = None,
 ) -> GenerationResult:
-    """Greedy generation of one prompt with `press`, timing prefill and decode separately."""
+    """Greedy generation of one prompt with `press`, timing prefill and decode separately. `modality`: the
+    prompt's modality map (default: from the model's image/video token ids)."""
     cache = CompressedCache(press)
     clock = _StepClock()
     start = time.perf_counter()
     output = press.generate(
         model,
+        modality=modality,
         **inputs,
         past_key_values=cache,
         max_new_tokens=max_new_tokens,

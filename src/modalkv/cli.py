@@ -104,15 +104,18 @@ def read_modality(path: Path | None) -> torch.Tensor | None:
     return torch.tensor([codes], dtype=torch.long)
 
 
-def prefill(lm, press, inputs: dict, modality: torch.Tensor | None) -> CompressedCache:
-    """Runs the prompt's prefill through `press` and returns the compressed cache."""
+def prefill(model: str, dtype: str, press, text: str, raw: bool, modality: torch.Tensor | None):
+    """Loads `model`, runs the prompt's prefill through `press`; returns (compressed cache, prompt tokens)."""
+    with console.status(f"loading {model}"):
+        lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
+    inputs = encode_prompt(tokenizer, text, raw=raw)
     check_prompt_length(lm, inputs["input_ids"].shape[1])
     if modality is None:
         modality = modality_from_input_ids(lm.config, inputs["input_ids"])
     cache = CompressedCache(press, modality=modality)
     with console.status("prefill"), press.attach(lm), torch.no_grad():
         lm(**inputs, past_key_values=cache, use_cache=True)
-    return cache
+    return cache, inputs["input_ids"].shape[1]
 
 
 def fail(error: Exception) -> typer.Exit:
@@ -171,16 +174,13 @@ def inspect(
     modality = read_modality(modality_file)
     try:
         press = make_press(method, budget, param)
-        with console.status(f"loading {model}"):
-            lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-        inputs = encode_prompt(tokenizer, text, raw=raw)
-        cache = prefill(lm, press, inputs, modality)
+        cache, prompt_tokens = prefill(model, dtype, press, text, raw, modality)
     except ValueError as error:
         raise fail(error) from error
     record = {
         "method": method,
         "budget": press.budget,
-        "prompt_tokens": inputs["input_ids"].shape[1],
+        "prompt_tokens": prompt_tokens,
         "layers": [layer[0] for layer in cache.kept_positions()],
     }
     dump_kept.write_text(json.dumps(record))
@@ -209,17 +209,15 @@ def heads(
         if method != "madakv":
             raise ValueError(f"heads draws MadaKV's modality preferences; got method {method!r}")
         press = make_press(method, budget, param)
-        with console.status(f"loading {model}"):
-            lm, tokenizer = load_model(model)
-        inputs = encode_prompt(tokenizer, text, raw=raw)
-        stats = prefill(lm, press, inputs, modality).press_state.get("heads")
+        cache, prompt_tokens = prefill(model, "float32", press, text, raw, modality)
+        stats = cache.press_state.get("heads")
         if not stats:
             raise ValueError("nothing was compressed (the budget keeps the whole prompt): no preferences to draw")
         layers = sorted(stats)
         record = {
             "method": press.label(),
             "budget": press.budget,
-            "prompt_tokens": inputs["input_ids"].shape[1],
+            "prompt_tokens": prompt_tokens,
             "visual_preference": [stats[i][0][0].tolist() for i in layers],
             "kept_per_head": [stats[i][1][0].tolist() for i in layers],
         }

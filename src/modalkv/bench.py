@@ -2,8 +2,8 @@
 
 For each context length the uncompressed baseline and each (method, budget) cell are run in turn, `repeats`
 times, interleaved so that a noisy neighbour slows both; the short-context floor (decoding with a 256-token
-context, where what remains is reading the weights) is measured in the same rounds. Peak memory is not measured
-here yet: in one process the allocator keeps what earlier runs freed, so it needs one process per cell.
+context, where what remains is reading the weights) is measured in the same rounds. Peak memory needs one process
+per cell (the allocator keeps what earlier runs freed): see `prefill_memory.py`.
 """
 
 from __future__ import annotations

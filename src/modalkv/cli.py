@@ -262,6 +262,12 @@ BENCH_COLUMNS = [
 ]
 
 
+MEMORY_COLUMNS = [
+    ("prefill peak MiB", lambda row: f"{row['prefill_peak_mib']:.0f}"),
+    ("DynamicCache prefill peak MiB", lambda row: f"{row['baseline_prefill_peak_mib']:.0f}"),
+]
+
+
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="folder for bench.json")],
@@ -273,6 +279,7 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, help="interleaved rounds per context")] = 1,
     dtype: DtypeOption = "float32",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    memory: Annotated[bool, typer.Option(help="also measure prefill peak memory, one fresh process per cell")] = False,
 ) -> None:
     """Decode speed, prefill time and cache size per method and budget, as ratios to the uncompressed cache."""
     from modalkv.bench import run_grid
@@ -306,6 +313,15 @@ def bench(
             repeats,
             on_run=lambda run: progress.update(task, advance=1, description=f"{run.method} at {run.context}"),
         )
+    if memory:
+        from modalkv.prefill_memory import measure_in_subprocess
+
+        with console.status("prefill peak memory, one process per cell"):
+            baseline = {n: measure_in_subprocess(model, dtype, "dynamic_cache", 1.0, n) for n in lengths}
+            for row in rows:
+                ours = measure_in_subprocess(model, dtype, row["method"], row["budget"], row["context"])
+                row["prefill_peak_mib"] = ours["prefill_peak_mib"]
+                row["baseline_prefill_peak_mib"] = baseline[row["context"]]["prefill_peak_mib"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(
         json.dumps(
@@ -322,8 +338,11 @@ def bench(
     table = Table(title=f"{model}, {dtype}, {torch.get_num_threads()} threads; ratios measured in the same run")
     for column, _ in BENCH_COLUMNS:
         table.add_column(column)
+    columns = BENCH_COLUMNS + (MEMORY_COLUMNS if memory else [])
+    for column, _ in columns[len(BENCH_COLUMNS) :]:
+        table.add_column(column)
     for row in rows:
-        table.add_row(*(show(row) for _, show in BENCH_COLUMNS))
+        table.add_row(*(show(row) for _, show in columns))
     Console(width=160).print(table)
     console.print(f"wrote {out / 'bench.json'}")
 

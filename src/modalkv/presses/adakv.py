@@ -43,12 +43,8 @@ class AdaKVPress(Press):
         per_head = tokens_for_budget(self.budget, num_real)  # [B]
         if bool((per_head == num_real).all()):
             return Press.select(self, inputs)  # nothing to evict: keep all, exactly as every press does
-        scores = self.press.score(inputs).float()
+        scores = self.press.ranking(inputs, self.press.score(inputs).float())
         top = torch.finfo(scores.dtype).max
-        protected = self.press.always_kept(inputs)
-        if protected is not None:
-            scores = scores.masked_fill(protected[:, None, :], top)
-        scores = scores.masked_fill(~is_real[:, None, :], float("-inf"))
         safe = (per_head * self.alpha_safeguard).long()  # [B]
         if int(safe.max()) > 0:
             best = scores.topk(int(safe.max()), dim=-1).indices  # [B, H, safe_max]

@@ -143,6 +143,13 @@ class Press:
         """[B, S] bool of tokens kept whatever their score (e.g. the observation window), or None."""
         return None
 
+    def ranking(self, inputs: PrefillInputs, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` [B, H_kv, S] with always-kept tokens first (float max) and padding last (-inf)."""
+        protected = self.always_kept(inputs)
+        if protected is not None:
+            scores = scores.masked_fill(protected[:, None, :], torch.finfo(scores.dtype).max)
+        return scores.masked_fill(~inputs.is_real[:, None, :], float("-inf"))
+
     def num_kept(self, inputs: PrefillInputs) -> torch.Tensor:
         """[B, H_kv] tokens each row keeps (the budget rule; presses with per-layer or per-head budgets override)."""
         per_row = tokens_for_budget(self.budget, inputs.is_real.sum(-1))
@@ -159,11 +166,7 @@ class Press:
         if bool((kept == num_real[:, None]).all()):  # nothing to evict: skip scoring (and keep exactly all)
             scores = is_real[:, None, :].expand(batch, heads, seq).float()
         else:
-            scores = running if running is not None else self.score(inputs).float()
-            protected = self.always_kept(inputs)
-            if protected is not None:
-                scores = scores.masked_fill(protected[:, None, :], torch.finfo(scores.dtype).max)
-            scores = scores.masked_fill(~is_real[:, None, :], float("-inf"))
+            scores = self.ranking(inputs, running if running is not None else self.score(inputs).float())
         top = scores.topk(int(kept.max()), dim=-1, sorted=True).indices
         beyond = torch.arange(top.shape[-1], device=top.device) >= kept[..., None]
         indices = top.masked_fill(beyond, seq).sort(dim=-1).values.clamp(max=seq - 1)

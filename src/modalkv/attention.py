@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from modalkv.cache import CompressedLayer, take_pending
-from modalkv.modality import check_modality
+from modalkv.modality import check_modality, check_patches, infer_patches
 from modalkv.presses.base import DecodeView, PrefillInputs
 
 ATTENTION_NAME = "modalkv"
@@ -48,9 +48,14 @@ def modalkv_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         if pending is not None:  # the prefill of a compressed layer: keep only what the press chooses
-            modality = pending.layer.cache.modality
+            modality, patches = pending.layer.cache.modality, pending.layer.cache.patches
             if modality is not None:
                 modality = check_modality(modality.to(key.device), key.shape[0], key.shape[2])
+                if patches is None:  # inferred once, at the first layer
+                    patches = pending.layer.cache.patches = infer_patches(modality)
+                patches = check_patches(patches.to(key.device), modality)
+            elif patches is not None:
+                raise ValueError("a patch map was given without a modality map")
             inputs = PrefillInputs(
                 module=module,
                 layer_idx=module.layer_idx,
@@ -60,6 +65,7 @@ def modalkv_attention(
                 is_real=real_tokens(attention_mask, key),
                 scaling=scaling if scaling is not None else key.shape[-1] ** -0.5,
                 modality=modality,
+                patches=patches,
                 state=pending.layer.cache.press_state,
             )
             pending.layer.store_prefill(key, value, pending.layer.cache.press.select(inputs))

@@ -210,12 +210,14 @@ class CompressedCache(Cache):
     Args:
         press: the method that picks which tokens each layer and KV head keeps.
         modality: [B, S] the prompt's modality map (`modality.py`), for presses that read it; None: all text.
+        patches: [B, S, 3] the prompt's patch map (`modality.py`); None: inferred from `modality` when needed.
     """
 
-    def __init__(self, press: Press, modality: torch.Tensor | None = None):
+    def __init__(self, press: Press, modality: torch.Tensor | None = None, patches: torch.Tensor | None = None):
         super().__init__(layers=[])
         self.press = press
         self.modality = modality
+        self.patches = patches
         self.press_state: dict = {}  # what a press carries from one layer's prefill to the next (e.g. budgets)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):

@@ -31,6 +31,7 @@ class PrefillInputs:
     is_real: torch.Tensor  # [B, S] bool, False for padding
     scaling: float
     modality: torch.Tensor | None = None  # [B, S] long: TEXT, IMAGE or VIDEO per token (modality.py); None: text
+    patches: torch.Tensor | None = None  # [B, S, 3] long: (image, row, column) of visual tokens, else -1; with modality
     state: dict = field(default_factory=dict)  # per cache, shared by its layers (budgets carried layer to layer)
 
     @property
@@ -194,10 +195,17 @@ class Press:
         finally:
             model.set_attn_implementation(previous)
 
-    def generate(self, model: PreTrainedModel, modality: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        model: PreTrainedModel,
+        modality: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """`model.generate(**kwargs)` with a compressed cache (pass `past_key_values=CompressedCache(press)` to
         inspect it afterwards). `modality`: the prompt's modality map (default: from the model's image/video
-        token ids, if any). Returns what `generate` returns."""
+        token ids, if any); `patches`: its patch map (default: inferred from the modality map, see modality.py).
+        Returns what `generate` returns."""
         from modalkv.cache import CompressedCache
         from modalkv.modality import modality_from_input_ids
 
@@ -210,6 +218,8 @@ class Press:
             cache.modality = modality
         elif modality is not None and not torch.equal(modality, cache.modality):
             raise ValueError("two different modality maps: one given to generate(), another held by the cache")
+        if patches is not None:
+            cache.patches = patches
         prompt = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is not None:
             check_prompt_length(model, prompt.shape[1], kwargs.get("max_new_tokens", 0))

@@ -48,7 +48,7 @@ def test_ragged_attention_matches_naive_attention_for_several_blocks_and_queries
     new_values = torch.randn(batch, kv_heads, q, dim, generator=gen)
     layer.append(new_keys, new_values, start_column=seq)
     query = torch.randn(batch, kv_heads * groups, q, dim, generator=gen)
-    out, _ = ragged_attention(layer, query, scaling=0.3, start_column=seq)
+    out, _, _ = ragged_attention(layer, query, scaling=0.3, start_column=seq)
 
     rows = [
         [

@@ -101,13 +101,13 @@ def test_h2o_adds_each_new_attention_and_evicts_the_lowest_outside_the_recent_wi
     attention[0, :, 1] = 1.0  # row 0: token 1 becomes heavy (1 + 1 = 2)
     attention[1, :, 2] = 1.0  # row 1: token 2 becomes 2
     press = get_press("h2o", budget=4)  # recent window = 2 tokens: columns 5 and 6
-    view = DecodeView(block, attention, num_kv_heads=2, query_groups=2, seen=7)
+    view = DecodeView(None, block, attention, num_kv_heads=2, query_groups=2, seen=7)
     press.observe(view)
     scores = press.decode_scores(view)
     assert torch.equal(
         block.slots["scores"][:, :7],
         kept["scores"].new_tensor([[5.0, 2.0, 3.0, 0.5, 2.0, 0.0, 0.0], [0.0, 4.0, 2.0, 3.0, 2.0, 0.0, 0.0]]),
     )
-    block.evict(scores)  # 7 tokens, limit 4: the 3 lowest outside the recent window go
+    block.remove(block.over_limit(scores))  # 7 tokens, limit 4: the 3 lowest outside the recent window go
     kept_columns = [sorted(block.columns[i, :4].tolist()) for i in range(2)]
     assert kept_columns == [[0, 2, 5, 6], [1, 3, 5, 6]]

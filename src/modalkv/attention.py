@@ -76,15 +76,19 @@ def modalkv_attention(
     layer.append(key, value, pending.start_column)
     # Only rows with a limit evict: none at budget 1.0, so that budget stays exactly `full` (and plain sdpa).
     interval = press.evict_every if any(block.limits is not None for block in layer.blocks) else 0
-    output, weights = ragged_attention(
-        layer, query, scaling, pending.start_column, with_weights=bool(interval) and press.needs_decode_attention
-    )
+    with_weights = bool(interval or layer.memory) and press.needs_decode_attention
+    output, weights, log_masses = ragged_attention(layer, query, scaling, pending.start_column, with_weights)
+    if layer.memory:
+        output = press.read_memory(layer, query, output, weights, log_masses)
     if interval:
         for block, attention in zip(layer.blocks, weights, strict=True):
-            view = DecodeView(block, attention, layer.num_kv_heads, query.shape[1] // layer.num_kv_heads, layer.seen)
+            groups = query.shape[1] // layer.num_kv_heads
+            view = DecodeView(layer, block, attention, layer.num_kv_heads, groups, layer.seen)
             press.observe(view)
-            if int((block.lengths - block.limits).max()) >= interval:
-                block.evict(press.decode_scores(view))  # back to the budget
+            if int((block.lengths - block.limits).max()) >= interval:  # back to the budget
+                leaving = block.over_limit(press.decode_scores(view))
+                press.release(view, leaving)
+                block.remove(leaving)
     return output, None
 
 
@@ -102,7 +106,7 @@ def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch
 
 def ragged_attention(
     layer: CompressedLayer, query: torch.Tensor, scaling: float | None, start_column: int, with_weights: bool = False
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Attention of new queries over a layer's ragged storage (new tokens already appended).
 
     The G query heads of a KV group are stacked as G * q queries of a single head, so each block is one sdpa call
@@ -112,6 +116,7 @@ def ragged_attention(
         output: [B, q, H, D].
         weights: per block, [n, G * q, L] attention weights when `with_weights` (computed explicitly instead of
             by sdpa), else None.
+        log_masses: per block, [n, G * q] log-sum-exp of the scaled logits when `with_weights`, else None.
     """
     batch, num_heads, q, dim = query.shape
     kv_heads = layer.num_kv_heads
@@ -119,6 +124,7 @@ def ragged_attention(
     row_queries = query.reshape(batch * kv_heads, 1, groups * q, dim)
     output = None if len(layer.blocks) == 1 else row_queries.new_empty(row_queries.shape)
     weights: list[torch.Tensor | None] = []
+    log_masses: list[torch.Tensor | None] = []
     for block in layer.blocks:
         length = block.max_length
         mask = None
@@ -135,16 +141,19 @@ def ragged_attention(
             logits = torch.matmul(block_queries, keys.transpose(-1, -2)) * (scaling or dim**-0.5)
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
-            probabilities = logits.softmax(dim=-1)
+            log_mass = logits.logsumexp(dim=-1, keepdim=True)
+            probabilities = (logits - log_mass).exp()
             result = torch.matmul(probabilities, values)
             weights.append(probabilities[:, 0])
+            log_masses.append(log_mass[:, 0, :, 0])
         else:
             result = torch.nn.functional.scaled_dot_product_attention(
                 block_queries, keys, values, attn_mask=mask, scale=scaling
             )
             weights.append(None)
+            log_masses.append(None)
         if output is None:
             output = result
         else:
             output[block.rows] = result
-    return output.reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous(), weights
+    return output.reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous(), weights, log_masses

@@ -63,6 +63,7 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.seen = 0  # logical length: sequence columns seen, padding included
         self.blocks: list[RowBlock] = []
+        self.memory: dict[str, torch.Tensor] = {}  # a press's per-row state beside the tokens ([B * H_kv, ...])
         self.batch_size = 0
         self.num_kv_heads = 0
 
@@ -107,6 +108,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.cache.press.evict_every and budget != 1:  # rows stay at their budget while decoding
             limits = torch.full_like(lengths, int(budget)) if budget > 1 else lengths.clone()
         self.blocks = build_blocks(kept, lengths, limits)
+        self.memory = selection.memory
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_column: int) -> None:
         """Appends new tokens [B, H_kv, q, D] to every row (decoding, or a follow-up forward)."""
@@ -147,6 +149,10 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes actually allocated: kept tokens plus padding, growth reserve and the int32 columns."""
         return sum(block.nbytes() for block in self.blocks)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the press's state beside the tokens (RetentiveKV's state matrices); not in `cache_bytes`."""
+        return sum(t.numel() * t.element_size() for t in self.memory.values())
+
     def full_cache_bytes(self) -> int:
         """Bytes an uncompressed DynamicCache would hold for the same inputs (padding included, as it stores it)."""
         if not self.is_initialized:
@@ -169,6 +175,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = 0
         self.blocks = []
+        self.memory = {}
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -193,6 +200,7 @@ class CompressedLayer(CacheLayerMixin):
                 covers_all = bool(take.all())
                 blocks.append(block.take_rows(picked[take].to(device), new_rows[take].to(device), covers_all))
         self.blocks = blocks
+        self.memory = {name: state[source_rows.to(state.device)] for name, state in self.memory.items()}
         self.batch_size = len(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -232,6 +240,10 @@ class CompressedCache(Cache):
     def allocated_bytes(self) -> int:
         """Bytes allocated by the storage (kept tokens + bounded slack, see the module docstring)."""
         return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the presses' state beside the kept tokens (RetentiveKV's memories), over all layers."""
+        return sum(layer.memory_bytes() for layer in self.layers)
 
     def full_cache_bytes(self) -> int:
         """Bytes an uncompressed cache (DynamicCache) would hold for the same inputs."""

@@ -82,25 +82,27 @@ class RowBlock:
         self.max_length += q
         self.min_length += q
 
-    def evict(self, scores: torch.Tensor) -> None:
-        """Removes, from each row over its limit, its lowest-scoring slots until it is back at the limit.
+    def over_limit(self, scores: torch.Tensor) -> torch.Tensor:
+        """The slots each row must lose to get back to its limit: its lowest-scoring ones.
 
         Args:
             scores: [n, max_length] keep-scores per slot (slots beyond a row's length are ignored).
+
+        Returns:
+            [n, most] slot indices per row, highest first, -1 where a row loses fewer ([n, 0] when none is over).
         """
-        if self.limits is None:
-            return
-        excess = (self.lengths - self.limits).clamp(min=0)
+        excess = (self.lengths - self.limits).clamp(min=0) if self.limits is not None else self.lengths * 0
         most = int(excess.max())
-        if most == 0:
-            return
         past_end = torch.arange(scores.shape[1], device=scores.device) >= self.lengths[:, None]
         lowest = scores.masked_fill(past_end, float("inf")).topk(most, dim=-1, largest=False).indices
         lowest = lowest.masked_fill(torch.arange(most, device=scores.device) >= excess[:, None], -1)
-        # Highest slot first: a swap never moves a token that is itself about to be evicted.
-        ordered = lowest.sort(dim=-1, descending=True).values
-        index = torch.arange(len(self.rows), device=scores.device)
-        for j in range(most):
+        # Highest slot first: a swap never moves a token that is itself about to be removed.
+        return lowest.sort(dim=-1, descending=True).values
+
+    def remove(self, ordered: torch.Tensor) -> None:
+        """Removes slots [n, m] (per row highest first, -1 for none, as `over_limit` gives) by swapping in the last."""
+        index = torch.arange(len(self.rows), device=ordered.device)
+        for j in range(ordered.shape[1]):
             evicting = ordered[:, j] >= 0
             last = self.lengths - 1
             target = torch.where(evicting, ordered[:, j], last)

@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, get_type_hints
+from typing import TYPE_CHECKING, ClassVar, get_type_hints
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from modalkv.storage import RowBlock
+
+if TYPE_CHECKING:
+    from modalkv.cache import CompressedLayer
 
 
 @dataclass
@@ -52,12 +55,14 @@ class Selection:
     running_scores: torch.Tensor | None = None  # [B, H_kv, S] for presses that update a score while decoding
     keys: torch.Tensor | None = None  # [B, H_kv, S, D] replacement keys to store (merging presses), else the layer's
     values: torch.Tensor | None = None
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row state beside the tokens, [B * H_kv, ...]
 
 
 @dataclass
 class DecodeView:
     """One storage block right after new tokens were appended and attended to, as a press sees it."""
 
+    layer: CompressedLayer  # the layer the block belongs to (its memory, its cache's modality map)
     block: RowBlock
     attention: torch.Tensor | None  # [n, G * q, L] the new queries' attention over the block's slots, if asked for
     num_kv_heads: int
@@ -140,6 +145,17 @@ class Press:
         prefill size, or the absolute budget) loses its lowest-scoring slots."""
         raise NotImplementedError(f"{type(self).__name__} defines no decode-time eviction")
 
+    def release(self, view: DecodeView, slots: torch.Tensor) -> None:
+        """Called with the slots [n, m] (-1: none) about to leave the block while decoding, still in place."""
+
+    def read_memory(
+        self, layer: CompressedLayer, query: torch.Tensor, output: torch.Tensor, attention: list, log_masses: list
+    ) -> torch.Tensor:
+        """The attention output [B, q, H, D] of a decoding step, given the layer's memory (only called when the
+        layer has one). `attention` / `log_masses`: per block, the queries' weights [n, G * q, L] and their
+        log-sum-exp of scaled logits [n, G * q] over the stored tokens."""
+        return output
+
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor | None:
         """[B, S] bool of tokens kept whatever their score (e.g. the observation window), or None."""
         return None
@@ -183,17 +199,20 @@ class Press:
 
         check_model(model)
         register()
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(ATTENTION_NAME)
+        text_config = model.config.get_text_config()
+        previous = text_config._attn_implementation
+        # Only the language model's attention: a VLM's vision tower keeps its own (it has no cache to compress).
+        key = next((k for k in model.config.sub_configs if getattr(model.config, k) is text_config), None)
+        model.set_attn_implementation({key: ATTENTION_NAME} if key else ATTENTION_NAME)
         try:
-            if model.config.get_text_config()._attn_implementation != ATTENTION_NAME:
+            if text_config._attn_implementation != ATTENTION_NAME:
                 raise ValueError(
                     f"{type(model).__name__} does not route its attention through transformers' "
                     "AttentionInterface, so modalkv cannot compress its cache"
                 )
             yield model
         finally:
-            model.set_attn_implementation(previous)
+            model.set_attn_implementation({key: previous} if key else previous)
 
     def generate(
         self,

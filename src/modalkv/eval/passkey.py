@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
+
+from modalkv.eval.tasks import Example, Failure, GenerationTask, tokenizer_of
 
 _INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -35,3 +39,40 @@ def passkey_example(tokenizer: PreTrainedTokenizerBase, num_tokens: int, depth: 
     before = round(repeats * depth)
     text = _INTRO + _FILLER * before + needle + _FILLER * (repeats - before) + _QUESTION
     return PasskeyExample(text=text, answer=key, depth=depth)
+
+
+@dataclass
+class PasskeyTask(GenerationTask):
+    """`--tasks passkey`: one prompt per (length, depth), read raw (no chat template); exact match of the key."""
+
+    lengths: tuple[int, ...] = (1024, 2048)  # prompt tokens
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    seed: int = 0
+    max_new_tokens: int = 10
+    name: ClassVar[str] = "passkey"
+
+    def load(self, processor: Any) -> tuple[list[Example], list[Failure]]:
+        tokenizer = tokenizer_of(processor)
+        examples = []
+        for i, (length, depth) in enumerate((n, d) for n in self.lengths for d in self.depths):
+            example = passkey_example(tokenizer, length, depth, seed=self.seed + i)
+            examples.append(
+                Example(
+                    task=self.name,
+                    id=f"{length}@{depth}",
+                    prompt=example.text,
+                    reference=example.answer,
+                    chat=False,
+                    max_new_tokens=self.max_new_tokens,
+                    info={"length": length, "depth": depth},
+                )
+            )
+        return examples, []
+
+    def score(self, prediction: str, example: Example) -> float:
+        """1.0 if the first number in the answer is exactly the key (a longer or shorter number is wrong)."""
+        number = re.search(r"\d+", prediction)
+        return float(number is not None and number.group() == example.reference)
+
+
+TASK = PasskeyTask

@@ -1,0 +1,167 @@
+"""`modalkv eval` and `modalkv report` (registered in `modalkv.cli`); the work is in runner.py and report.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from modalkv.eval import report, runner
+from modalkv.eval.tasks import Failure, build_task
+from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
+
+console = Console(stderr=True)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _budget(text: str) -> float | int:
+    from modalkv.cli import parse_budget
+
+    return parse_budget(text)
+
+
+def _task_options(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """['passkey.lengths=1024,2048'] -> {'passkey': {'lengths': '1024,2048'}}."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        task, dot, name = key.partition(".")
+        if not (sep and dot and task and name):
+            raise typer.BadParameter(f"task options are TASK.OPTION=VALUE, got {item!r}")
+        options.setdefault(task, {})[name] = value
+    return options
+
+
+def print_summary(summary: report.Summary, title: str) -> None:
+    header, rows = report.table(summary)
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(120, 14 * len(header))).print(table)
+    for line in report.failure_lines(summary):
+        console.print(f"[yellow]failures[/yellow] {line}")
+
+
+def eval_command(
+    out: Annotated[Path, typer.Option(help="run folder: records.rank<k>.jsonl, failures, run.json")],
+    model: Annotated[str, typer.Option(help="embedded model name, local folder or hub id")] = DEFAULT_MODEL,
+    methods: Annotated[
+        str, typer.Option(help="comma-separated methods; `full` runs once, at budget 1.0")
+    ] = "full,snapkv",
+    budgets: Annotated[str, typer.Option(help="comma-separated budgets (ratios or token counts)")] = "0.1,0.2,0.5",
+    tasks: Annotated[str, typer.Option(help="comma-separated: passkey, fidelity, milebench:PATH")] = "passkey",
+    limit: Annotated[int | None, typer.Option(min=1, help="at most N examples per task column")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="method parameter KEY=VALUE, given to every method that has it"),
+    ] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option("--task-option", "-t", help="TASK.OPTION=VALUE, e.g. passkey.lengths=1024,4096"),
+    ] = None,
+) -> None:
+    """Accuracy and fidelity of every method x budget on the tasks: one JSONL record each, resumable, and a table.
+
+    Runs data-parallel under `accelerate launch` or `torchrun`: each process takes its share of the examples.
+    """
+    from accelerate import PartialState
+
+    from modalkv.cli import fail, parse_params
+
+    state = PartialState()
+    try:
+        presses = runner.make_presses(_split(methods), [_budget(b) for b in _split(budgets)], parse_params(param))
+        options = _task_options(task_option)
+        specs = _split(tasks)
+        built = [build_task(spec, options.pop(spec.partition(":")[0], {})) for spec in specs]
+        if options:
+            raise ValueError(f"options for tasks that are not run: {', '.join(options)}")
+        command = "modalkv eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+        runner.check_run(out, {"model": model, "dtype": dtype, "command": command}, built, state.is_main_process)
+        with console.status(f"loading {model}"):
+            lm, processor = load_model(model, dtype=parse_dtype(dtype), device=state.device)
+        with console.status("loading the tasks"):
+            loaded, failures = runner.load_tasks(built, processor, limit)
+    except ValueError as error:
+        raise fail(error) from error
+    if state.is_main_process:  # failures of ranks a previous, wider run had are not this run's
+        for stale in out.glob(runner.FAILURES.format(rank="*")):
+            if int(stale.name.split(".")[1].removeprefix("rank")) >= state.num_processes:
+                stale.unlink()
+    state.wait_for_everyone()  # run.json is written before any rank reads the record files
+    done = {runner.record_key(r) for r in runner.read_records(out)}
+    work = runner.pending(loaded, presses, done, state.process_index, state.num_processes)
+    records = runner.JsonlWriter(out / runner.RECORDS.format(rank=state.process_index))
+    failed = runner.JsonlWriter(out / runner.FAILURES.format(rank=state.process_index), truncate=True)
+    for failure in failures:
+        failed.write(dataclasses.asdict(failure))
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not state.is_main_process) as progress:
+        overall = progress.add_task(f"all (rank {state.process_index}/{state.num_processes})", total=len(work))
+        bars = {}
+        for item in work:
+            if item.example.task not in bars:
+                total = sum(1 for w in work if w.example.task == item.example.task)
+                bars[item.example.task] = progress.add_task(item.example.task, total=total)
+        for item in work:
+            progress.update(
+                bars[item.example.task], description=f"{item.example.task}: {item.press.label()}@{item.press.budget:g}"
+            )
+            try:
+                records.write(runner.evaluate(lm, processor, item, state.process_index))
+            except ValueError as error:  # this example cannot run (an unreadable image, too long a prompt)
+                failed.write(
+                    dataclasses.asdict(Failure(item.example.task, item.example.id, f"{item.press.label()}: {error}"))
+                )
+            progress.advance(bars[item.example.task])
+            progress.advance(overall)
+    records.close()
+    failed.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print_summary(report.load_summary(out), f"{model}: {out}")
+
+
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="a folder written by `modalkv eval --out`")],
+    markdown: Annotated[Path | None, typer.Option(help="write a results page here (figures next to it)")] = None,
+    plots: Annotated[bool, typer.Option(help="write the figures (PNG) and summary.json to RUN_DIR/plots")] = False,
+    bar_budget: Annotated[
+        str | None, typer.Option(help="budget of the per-task bar chart (default: nearest 0.2)")
+    ] = None,
+) -> None:
+    """Re-summarise a run from its JSONL records (every rank's file, merged): table, figures, results page."""
+    from modalkv.cli import fail
+
+    try:
+        summary = report.load_summary(run_dir)
+        budget = None if bar_budget is None else _budget(bar_budget)
+        print_summary(summary, str(run_dir))
+        if plots:
+            paths = report.write_figures(summary, run_dir / "plots", budget)
+            console.print(f"wrote {len(paths)} figures and summary.json to {run_dir / 'plots'}")
+        if markdown is not None:
+            figures = report.write_figures(summary, markdown.parent / f"{markdown.stem}-figures", budget)
+            markdown.write_text(report.markdown(summary, run_dir, figures, markdown), encoding="utf-8")
+            console.print(f"wrote {markdown} and its figures in {markdown.parent / (markdown.stem + '-figures')}")
+    except ValueError as error:
+        raise fail(error) from error

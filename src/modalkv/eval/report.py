@@ -1,0 +1,253 @@
+"""Summaries, figures and the results page, from a run folder's JSONL files alone (every rank's, merged).
+
+Rows are (method, budget) with `full` first; columns are the tasks (each MileBench dataset its own), the mean cache
+ratio, secondary metrics (fidelity's KL) and the average over accuracy-like tasks (present only when the row has
+all of them). Scores are shown x100, as MileBench and the KV-cache papers report them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from modalkv.eval.runner import RUN_FILE, read_failures, read_records
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+@dataclass
+class Row:
+    method: str
+    budget: float | int
+    scores: dict[str, float] = field(default_factory=dict)  # task -> mean score in [0, 1]
+    counts: dict[str, int] = field(default_factory=dict)  # task -> examples
+    metrics: dict[str, float] = field(default_factory=dict)  # "task metric" -> mean (e.g. "fidelity kl")
+    cache_ratio: float | None = None
+    average: float | None = None
+
+
+@dataclass
+class Summary:
+    tasks: list[str]
+    averaged: list[str]  # the tasks the average is over
+    metrics: list[str]
+    rows: list[Row]
+    failures: list[dict]
+    records: int
+
+
+def summarize(records: list[dict], failures: list[dict] | None = None) -> Summary:
+    """Means per (method, budget) and task; the average over the accuracy-like tasks."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    averaged = [t for t in tasks if all(r["in_average"] for r in records if r["task"] == t)]
+    methods = list(dict.fromkeys(["full", *(r["method"] for r in records)]))
+    keys = sorted({(r["method"], r["budget"]) for r in records}, key=lambda k: (methods.index(k[0]), k[1]))
+    rows, metric_names = [], []
+    for method, budget in keys:
+        mine = [r for r in records if r["method"] == method and r["budget"] == budget]
+        row = Row(method, budget)
+        for task in tasks:
+            scores = [r["score"] for r in mine if r["task"] == task]
+            if scores:
+                row.scores[task], row.counts[task] = statistics.mean(scores), len(scores)
+            for name in dict.fromkeys(m for r in mine if r["task"] == task for m in r["metrics"]):
+                if name != "top1":  # the score already is top-1 agreement
+                    values = [r["metrics"][name] for r in mine if r["task"] == task and name in r["metrics"]]
+                    row.metrics[f"{task} {name}"] = statistics.mean(values)
+        ratios = [r["cache_ratio"] for r in mine if r["cache_ratio"] is not None]
+        row.cache_ratio = statistics.mean(ratios) if ratios else None
+        if averaged and all(t in row.scores for t in averaged):
+            row.average = statistics.mean(row.scores[t] for t in averaged)
+        metric_names += [m for m in row.metrics if m not in metric_names]
+        rows.append(row)
+    return Summary(tasks, averaged, metric_names, rows, failures or [], len(records))
+
+
+def load_summary(run_dir: Path) -> Summary:
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder not found: {run_dir}")
+    records = read_records(run_dir)
+    if not records:
+        raise ValueError(f"no records in {run_dir} (records.rank*.jsonl)")
+    return summarize(records, read_failures(run_dir))
+
+
+def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table as text (scores x100; a cell with fewer examples says how many)."""
+    most = {t: max(row.counts.get(t, 0) for row in summary.rows) for t in summary.tasks}
+    header = ["method", "budget", "cache", *(f"{t} (n={most[t]})" for t in summary.tasks), *summary.metrics]
+    if summary.averaged:
+        header.append("average")
+    lines = []
+    for row in summary.rows:
+        cells = [row.method, f"{row.budget:g}", "-" if row.cache_ratio is None else f"{row.cache_ratio:.3f}"]
+        for task in summary.tasks:
+            if task not in row.scores:
+                cells.append("-")
+            else:
+                partial = f" ({row.counts[task]}/{most[task]})" if row.counts[task] < most[task] else ""
+                cells.append(f"{100 * row.scores[task]:.1f}{partial}")
+        cells += [f"{row.metrics[m]:.3f}" if m in row.metrics else "-" for m in summary.metrics]
+        if summary.averaged:
+            cells.append("-" if row.average is None else f"{100 * row.average:.1f}")
+        lines.append(cells)
+    return header, lines
+
+
+def failure_lines(summary: Summary) -> list[str]:
+    """One line per task with failures: how many, and the first error."""
+    by_task: dict[str, list[dict]] = {}
+    for failure in summary.failures:
+        by_task.setdefault(failure["task"], []).append(failure)
+    return [f"{task}: {len(items)} failed ({items[0]['error']})" for task, items in by_task.items()]
+
+
+# -- figures ---------------------------------------------------------------------------------------------------------
+
+
+def _ratio_rows(summary: Summary) -> dict[str, list[Row]]:
+    """Compressed rows with a ratio budget, per method (absolute token budgets have no common x axis)."""
+    lines: dict[str, list[Row]] = {}
+    for row in summary.rows:
+        if row.method != "full" and row.budget <= 1:
+            lines.setdefault(row.method, []).append(row)
+    return lines
+
+
+def _full(summary: Summary) -> Row | None:
+    return next((row for row in summary.rows if row.method == "full"), None)
+
+
+def accuracy_figure(summary: Summary) -> Figure:
+    """Score vs budget per task (and the average): one line per method, the full cache as a dashed line."""
+    from modalkv.plots import _pyplot
+
+    plt = _pyplot()
+    panels = summary.tasks + (["average"] if len(summary.averaged) > 1 else [])
+    columns = min(len(panels), 3)
+    figure, axes = plt.subplots(
+        (len(panels) + columns - 1) // columns,
+        columns,
+        figsize=(4.5 * columns, 3.5 * ((len(panels) + 2) // 3)),
+        squeeze=False,
+    )
+
+    def value(row: Row, panel: str) -> float | None:
+        return row.average if panel == "average" else row.scores.get(panel)
+
+    for axis, panel in zip(axes.flat, panels, strict=False):
+        for method, rows in _ratio_rows(summary).items():
+            points = [(r.budget, 100 * value(r, panel)) for r in rows if value(r, panel) is not None]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+        full = _full(summary)
+        if full is not None and value(full, panel) is not None:
+            axis.axhline(100 * value(full, panel), color="black", linestyle="--", label="full")
+        axis.set(title=panel, xlabel="budget (kept fraction)", ylabel="score x100", xscale="log")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def bars_figure(summary: Summary, budget: float | int) -> Figure:
+    """Per-task scores at one budget: a group of bars per task, one bar per method, the full cache first."""
+    from modalkv.plots import _pyplot
+
+    plt = _pyplot()
+    rows = [r for r in summary.rows if r.method == "full" or r.budget == budget]
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(summary.tasks) * max(len(rows), 1) / 3), 4))
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        xs = [t + i * width for t, task in enumerate(summary.tasks) if task in row.scores]
+        heights = [100 * row.scores[task] for task in summary.tasks if task in row.scores]
+        axis.bar(xs, heights, width, label=row.method if row.method == "full" else f"{row.method}@{budget:g}")
+    axis.set_xticks([t + 0.4 - width / 2 for t in range(len(summary.tasks))], summary.tasks, rotation=20, ha="right")
+    axis.set(ylabel="score x100", title=f"per-task scores at budget {budget:g}")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def fidelity_figure(summary: Summary, task: str = "fidelity") -> Figure:
+    """KL(full || compressed) and top-1 agreement vs budget, one line per method."""
+    from modalkv.plots import _pyplot
+
+    plt = _pyplot()
+    figure, (kl_axis, top1_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, rows in _ratio_rows(summary).items():
+        kl = [(r.budget, r.metrics[f"{task} kl"]) for r in rows if f"{task} kl" in r.metrics]
+        top1 = [(r.budget, r.scores[task]) for r in rows if task in r.scores]
+        if kl:
+            kl_axis.plot(*zip(*kl, strict=True), marker="o", label=method)
+        if top1:
+            top1_axis.plot(*zip(*top1, strict=True), marker="o", label=method)
+    kl_axis.set(title="next-token KL(full || compressed)", xlabel="budget", ylabel="nats/token", xscale="log")
+    top1_axis.set(title="top-1 agreement with the full cache", xlabel="budget", xscale="log")
+    kl_axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def default_bar_budget(summary: Summary) -> float | int | None:
+    """The ratio budget closest to 0.2 (the papers' usual setting), or None with no compressed rows."""
+    budgets = sorted({r.budget for rows in _ratio_rows(summary).values() for r in rows})
+    return min(budgets, key=lambda b: abs(b - 0.2)) if budgets else None
+
+
+def write_figures(summary: Summary, folder: Path, bar_budget: float | int | None = None) -> list[Path]:
+    """Writes the figures as PNG and the numbers behind them as summary.json; returns the PNG paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {"accuracy_vs_budget": accuracy_figure(summary)}
+    bar_budget = default_bar_budget(summary) if bar_budget is None else bar_budget
+    if bar_budget is not None:
+        figures[f"tasks_at_{bar_budget:g}"] = bars_figure(summary, bar_budget)
+    if "fidelity" in summary.tasks:
+        figures["fidelity_vs_budget"] = fidelity_figure(summary)
+    paths = []
+    for name, figure in figures.items():
+        paths.append(folder / f"{name}.png")
+        figure.savefig(paths[-1], dpi=110)
+    (folder / "summary.json").write_text(json.dumps(asdict(summary), indent=1), encoding="utf-8")
+    return paths
+
+
+def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -> str:
+    """The results page: what was run, the table, the figures (linked relative to the page), the failures."""
+    run = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")) if (run_dir / RUN_FILE).exists() else {}
+    header, rows = table(summary)
+    lines = [
+        "# Results",
+        "",
+        f"Generated by `modalkv report {run_dir} --markdown {page}` from {summary.records} records (not by hand).",
+        "",
+    ]
+    if run:
+        lines += [
+            f"Model `{run.get('model')}` ({run.get('dtype')}), made with:",
+            "",
+            "```bash",
+            run.get("command", ""),
+            "```",
+            "",
+        ]
+    lines += [
+        "Scores x100 (passkey: exact key; MileBench: each dataset's own metric; fidelity: top-1 agreement with the "
+        "full cache, with its KL in nats/token). `cache`: kept KV bytes / uncompressed KV bytes. A cell with fewer "
+        "examples than its column says how many.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
+    for figure in figures:
+        lines += [f"![{figure.stem}]({figure.resolve().relative_to(page.resolve().parent).as_posix()})", ""]
+    failures = failure_lines(summary)
+    lines += ["## Failures", "", *([f"- {line}" for line in failures] or ["None."]), ""]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""The evaluation grid: (task, example) x press, one JSONL record each, resumable and shardable across processes.
+
+Each process (rank k of n, from `accelerate launch` / `torchrun`, or 0 of 1) takes every n-th example of each task,
+starting at the k-th, runs every press on it, and appends one record per (task, example, method, budget) to its own
+`records.rank<k>.jsonl`. Finished records in any rank's file are skipped, so an interrupted run resumes where it
+stopped, with the same or another number of processes. `report.py` merges the files. Generation is greedy and a
+`random` press left without a seed gets seed 0, so a run gives the same records however it is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modalkv.eval.tasks import Example, Failure, Task, task_options
+from modalkv.presses import Press, get_press
+
+RECORDS = "records.rank{rank}.jsonl"
+FAILURES = "failures.rank{rank}.jsonl"
+RUN_FILE = "run.json"
+
+
+def record_key(record: dict) -> tuple:
+    return record["task"], record["example"], record["method"], record["budget"]
+
+
+def read_jsonl(paths: list[Path]) -> Iterator[dict]:
+    """Every complete JSON line of `paths`; a line cut short by an interrupted write is skipped."""
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+
+def read_records(out: Path) -> list[dict]:
+    """The records of every rank's file, one per key (the last written wins)."""
+    records = {record_key(r): r for r in read_jsonl(sorted(out.glob(RECORDS.format(rank="*"))))}
+    return list(records.values())
+
+
+def read_failures(out: Path) -> list[dict]:
+    """The failures of the latest run (every rank reports load failures; each is kept once)."""
+    unique = {(f["task"], f["item"], f["error"]): f for f in read_jsonl(sorted(out.glob(FAILURES.format(rank="*"))))}
+    return list(unique.values())
+
+
+def make_presses(methods: list[str], budgets: list[float | int], params: dict[str, Any]) -> list[Press]:
+    """`full` once (budget 1.0), then every other method at every budget. Each parameter goes to the methods that
+    have it (ValueError if none does); `random` gets seed 0 unless one is given, so that runs repeat."""
+    presses = []
+    used = set()
+    for method in methods:
+        for budget in [1.0] if method == "full" else budgets:
+            probe = get_press(method, budget=budget)
+            fields = {f.name for f in dataclasses.fields(probe)} | {f.name for f in _inner_fields(probe)}
+            own = {key: value for key, value in params.items() if key in fields}
+            if "seed" in fields and probe.name == "random":
+                own.setdefault("seed", 0)
+            used |= own.keys()
+            presses.append(get_press(method, budget=budget, **own))
+    unused = set(params) - used
+    if unused:
+        raise ValueError(f"no method in {', '.join(methods)} takes the parameter(s) {', '.join(sorted(unused))}")
+    return presses
+
+
+def _inner_fields(press: Press) -> tuple:
+    inner = getattr(press, "press", None)  # adakv:<method> wraps a scoring press
+    return dataclasses.fields(inner) if isinstance(inner, Press) else ()
+
+
+def shard(examples: list[Example], rank: int, world_size: int) -> list[Example]:
+    """This process's share: examples rank, rank + n, rank + 2n, ... (the same split on every run)."""
+    return examples[rank::world_size]
+
+
+@dataclass
+class WorkItem:
+    task: Task
+    example: Example
+    press: Press
+
+
+def pending(
+    loaded: list[tuple[Task, list[Example]]], presses: list[Press], done: set[tuple], rank: int, world_size: int
+) -> list[WorkItem]:
+    """The (example, press) pairs of this rank still to run, example by example (fidelity reuses its reference)."""
+    return [
+        WorkItem(task, example, press)
+        for task, examples in loaded
+        for example in shard(examples, rank, world_size)
+        for press in presses
+        if (example.task, example.id, press.label(), press.budget) not in done
+    ]
+
+
+def evaluate(model: Any, processor: Any, item: WorkItem, rank: int) -> dict:
+    """Runs one work item and returns its record."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        outcome = item.task.evaluate(model, processor, item.press, item.example)
+    return {
+        "task": item.example.task,
+        "example": item.example.id,
+        "method": item.press.label(),
+        "budget": item.press.budget,
+        "score": outcome.score,
+        "metrics": outcome.metrics,
+        "prediction": outcome.prediction,
+        "reference": item.example.reference,
+        "in_average": item.task.in_average,
+        "prompt_tokens": outcome.prompt_tokens,
+        "images": len(item.example.images),
+        "image_input": outcome.image_input,
+        "cache_bytes": outcome.cache_bytes,
+        "full_cache_bytes": outcome.full_cache_bytes,
+        "cache_ratio": outcome.cache_bytes / outcome.full_cache_bytes if outcome.full_cache_bytes else None,
+        "prefill_seconds": outcome.prefill_seconds,
+        "decode_ms_per_token": outcome.decode_ms_per_token,
+        "seconds": time.perf_counter() - start,
+        "info": item.example.info,
+        "rank": rank,
+    }
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushed at once, so that an interruption loses at most the line in flight."""
+
+    def __init__(self, path: Path, truncate: bool = False):
+        if not truncate and path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with path.open("a", encoding="utf-8") as file:  # close a line cut short, so the next one stands alone
+                file.write("\n")
+        self.file = path.open("w" if truncate else "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def check_run(out: Path, run: dict, tasks: list[Task], write: bool) -> None:
+    """Records what this run is (`run.json`); refuses to resume a folder made with another model or task options,
+    whose records would be summarised together with these. Methods, budgets and --limit may change."""
+    run = {**run, "tasks": {task.name: task_options(task) for task in tasks}}
+    path = out / RUN_FILE
+    if path.exists():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("model", "dtype"):
+            if previous.get(key) != run[key]:
+                raise ValueError(
+                    f"{out} holds a run with {key} {previous.get(key)!r}, not {run[key]!r}: use another --out"
+                )
+        for name, options in run["tasks"].items():
+            if name in previous.get("tasks", {}) and previous["tasks"][name] != options:
+                raise ValueError(
+                    f"{out} holds a run of {name} with options {previous['tasks'][name]}, not {options}: "
+                    "use another --out"
+                )
+        run["tasks"] = {**previous.get("tasks", {}), **run["tasks"]}
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(run, indent=1), encoding="utf-8")
+        tmp.replace(path)
+
+
+def load_tasks(
+    tasks: list[Task], processor: Any, limit: int | None
+) -> tuple[list[tuple[Task, list[Example]]], list[Failure]]:
+    """Each task's examples (the first `limit` of each column, before sharding) and every load failure."""
+    loaded, failures = [], []
+    for task in tasks:
+        examples, failed = task.load(processor)
+        if limit is not None:
+            per_column: dict[str, int] = {}
+            kept = []
+            for example in examples:
+                per_column[example.task] = per_column.get(example.task, 0) + 1
+                if per_column[example.task] <= limit:
+                    kept.append(example)
+            examples = kept
+        loaded.append((task, examples))
+        failures += failed
+    return loaded, failures

@@ -1,0 +1,208 @@
+"""What every evaluation task provides, how a prompt becomes model inputs, and the registry of tasks by CLI name.
+
+A task is a dataclass (its fields are its options, set with `-t TASK.FIELD=VALUE`) with a `load()` that returns its
+examples and an `evaluate()` that runs one example with one press. A module `modalkv/eval/<name>.py` that defines
+`TASK = <the class>` is the task `<name>` on the command line: adding a task means adding one module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import pkgutil
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
+
+import torch
+from transformers import PreTrainedModel
+
+from modalkv.generation import encode_prompt, generate_timed
+from modalkv.presses import Press
+
+IMAGE_PLACEHOLDER = "<ImageHere>"  # where an image goes in `Example.prompt` (MileBench's own marker)
+IMAGE_STANDIN = "[image]"  # what a text-only model reads in place of each image
+
+# Tasks named in the plan whose module has not landed yet: asked for, they get this message instead of "unknown".
+PLANNED = {
+    "synthetic": "the synthetic multimodal suite is not available yet: it needs the offline mini-VLM (issue 5)",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and what a correct answer is. `task` is the column it counts in (e.g. "milebench/WebQA")."""
+
+    task: str
+    id: str
+    prompt: str  # images sit at IMAGE_PLACEHOLDER, in order
+    reference: str
+    images: tuple[Path, ...] = ()
+    chat: bool = True  # wrap in the model's chat template; False: tokenise exactly as given
+    max_new_tokens: int = 32
+    info: dict[str, Any] = field(default_factory=dict)  # what the record should show (depth, dataset, ...)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An example (or a whole data file) that could not be loaded or prepared; the run goes on without it."""
+
+    task: str
+    item: str  # the example id, or the file that failed
+    error: str
+
+
+@dataclass
+class Outcome:
+    """What one (example, press) evaluation produced; the runner adds the keys and writes it as a record."""
+
+    prediction: str
+    score: float  # the task's main number, higher is better, in [0, 1]
+    prompt_tokens: int
+    cache_bytes: int
+    full_cache_bytes: int
+    prefill_seconds: float
+    decode_ms_per_token: float | None
+    metrics: dict[str, float] = field(default_factory=dict)  # secondary numbers (e.g. fidelity's KL)
+    image_input: str = "none"  # "none", "processor" or "stand-in" (text-only model: images replaced by IMAGE_STANDIN)
+
+
+class Task(Protocol):
+    name: ClassVar[str]
+    in_average: ClassVar[bool]  # whether its score counts in the summary's average (accuracy-like tasks only)
+
+    def load(self, processor: Any) -> tuple[list[Example], list[Failure]]: ...
+
+    def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome: ...
+
+
+class GenerationTask:
+    """Greedy generation then `score()`; subclasses (dataclasses) define `load()` and `score()`."""
+
+    in_average: ClassVar[bool] = True
+
+    def score(self, prediction: str, example: Example) -> float:
+        raise NotImplementedError
+
+    def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
+        inputs, modality, image_input = encode_example(processor, example)
+        result = generate_timed(
+            model, tokenizer_of(processor), press, inputs, example.max_new_tokens, min_new_tokens=1, modality=modality
+        )
+        prediction = result.text.strip()
+        return Outcome(
+            prediction=prediction,
+            score=self.score(prediction, example),
+            prompt_tokens=result.prompt_tokens,
+            cache_bytes=result.cache_bytes,
+            full_cache_bytes=result.full_cache_bytes,
+            prefill_seconds=result.prefill_seconds,
+            decode_ms_per_token=result.decode_ms_per_token,
+            image_input=image_input,
+        )
+
+
+def is_processor(processor: Any) -> bool:
+    """True for a multimodal processor (it has an image processor), False for a plain tokenizer."""
+    return hasattr(processor, "image_processor")
+
+
+def tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def open_image(path: Path) -> Any:
+    """The image as an RGB PIL image; ValueError naming the file if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read the image {path}: {error}") from None
+
+
+def encode_example(processor: Any, example: Example) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str]:
+    """Model inputs, modality map (or None: derived from the model) and how images were given.
+
+    With a multimodal processor, each placeholder becomes the processor's image token and the images go through the
+    processor (its `modality` output, if any, is the modality map). A text-only model reads IMAGE_STANDIN instead.
+    """
+    if not example.images:
+        return encode_prompt(processor, example.prompt, raw=not example.chat), None, "none"
+    if not is_processor(processor):
+        text = example.prompt.replace(IMAGE_PLACEHOLDER, IMAGE_STANDIN)
+        return encode_prompt(processor, text, raw=not example.chat), None, "stand-in"
+    text = example.prompt.replace(IMAGE_PLACEHOLDER, processor.image_token)
+    tokenizer = tokenizer_of(processor)
+    if example.chat and tokenizer.chat_template is not None:
+        messages = [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    images = [open_image(path) for path in example.images]
+    inputs = dict(processor(text=text, images=images, return_tensors="pt"))
+    return inputs, inputs.pop("modality", None), "processor"
+
+
+# -- the registry ---------------------------------------------------------------------------------------------------
+
+
+def available_tasks() -> dict[str, type]:
+    """CLI name -> task class, for every module of `modalkv.eval` that defines `TASK`."""
+    import modalkv.eval
+
+    found = {}
+    for module in pkgutil.iter_modules(modalkv.eval.__path__):
+        task = getattr(importlib.import_module(f"modalkv.eval.{module.name}"), "TASK", None)
+        if task is not None:
+            found[task.name] = task
+    return found
+
+
+def _convert(text: str, hint: Any, where: str) -> Any:
+    """A task option from its text, by the field's type: int, float, str, Path, bool, tuples of those, or None."""
+    if get_origin(hint) in (Union, types.UnionType):
+        if text.lower() == "none" and type(None) in get_args(hint):
+            return None
+        hint = next(h for h in get_args(hint) if h is not type(None))
+    if get_origin(hint) is tuple:
+        return tuple(_convert(part, get_args(hint)[0], where) for part in text.split(",") if part)
+    if hint is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{where} must be true or false, got {text!r}")
+        return text.lower() == "true"
+    try:
+        return hint(text)
+    except ValueError:
+        raise ValueError(f"{where} must be {hint.__name__}, got {text!r}") from None
+
+
+def build_task(spec: str, options: dict[str, str]) -> Task:
+    """The task of a `--tasks` entry ("passkey", "milebench:PATH", ...) with its `-t` options (FIELD -> text)."""
+    name, _, argument = spec.partition(":")
+    tasks = available_tasks()
+    if name not in tasks:
+        if name in PLANNED:
+            raise ValueError(PLANNED[name])
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(sorted(tasks))} (milebench:PATH)")
+    cls = tasks[name]
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    values = {}
+    if argument:
+        values[names[0]] = _convert(argument, hints[names[0]], f"{name}'s {names[0]}")
+    for key, text in options.items():
+        if key not in names:
+            raise ValueError(f"task {name} has no option {key!r}; options: {', '.join(names)}")
+        values[key] = _convert(text, hints[key], f"{name}.{key}")
+    try:
+        return cls(**values)
+    except TypeError as error:  # a required field (e.g. milebench's path) is missing
+        raise ValueError(f"task {name}: {error}") from None
+
+
+def task_options(task: Task) -> dict[str, Any]:
+    """The task's options as JSON-ready values (recorded with the run, so a resumed run can check them)."""
+    options = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.init}
+    return json.loads(json.dumps(options, default=str))

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import platformdirs
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 class ModelNotFoundError(ValueError):
@@ -118,8 +128,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, ready for batched generation.
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
+    """Load a causal LM and its tokenizer, or a vision-language model and its processor, ready for batched generation.
 
     Args:
         name_or_path: a key of `EMBEDDED_MODELS`, a local folder or a Hugging Face hub id.
@@ -128,14 +138,24 @@ def load_model(
         device: where to put the model.
 
     Returns:
-        `(model, tokenizer)`: the model in eval mode; the tokenizer pads on the left with a pad token.
+        `(model, tokenizer)` for a text model, `(model, processor)` for a vision-language one (a config that
+        `AutoModelForImageTextToText` serves): the model in eval mode; the tokenizer (the processor's) pads on the
+        left with a pad token.
     """
     source: str | Path = name_or_path
     if name_or_path in EMBEDDED_MODELS:
         source = embedded_model_path(name_or_path, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        if AutoConfig.from_pretrained(source).model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            # A vision-language model: its processor turns text + images into the model's inputs (multimodal.py).
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=dtype, attn_implementation=attn_implementation
+            )
+            processor = AutoProcessor.from_pretrained(source)
+            tokenizer = processor.tokenizer
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+            tokenizer = processor = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         if Path(source).exists():  # a real local folder with bad contents: keep the precise error
             raise
@@ -147,4 +167,4 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     # Decoder-only batched generation appends new tokens on the right, so padding must go left.
     tokenizer.padding_side = "left"
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), processor

@@ -1,0 +1,379 @@
+"""Real VLM architectures of transformers (Llava, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM) through their own
+processors, as tiny randomly initialised models (no weights can be downloaded here) with SmolLM2's real tokenizer.
+
+Video processors need torchvision, which is not installed: the Qwen and SmolVLM processors are built for images only.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    BloomConfig,
+    CLIPVisionConfig,
+    DynamicCache,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMProcessor,
+)
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+from modalkv import CompressedCache, get_press
+from modalkv.modality import IMAGE, TEXT
+from modalkv.models import embedded_model_path
+from modalkv.multimodal import encode_multimodal, multimodal_inputs
+from modalkv.presses import PRESSES
+
+ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
+METHODS = [*PRESSES, "adakv:snapkv"]
+TEXT_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    eos_token_id=None,  # no early stop: every generation runs its full length
+)
+VISION_MODEL = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video processor (which imports torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video processor (which imports torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+    """SmolVLM's processor without its video processor (which imports torchvision); `apply_chat_template` reads the
+    video processor's frame defaults, so a stand-in gives them."""
+
+    def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len, chat_template=chat_template)
+        self.video_processor = SimpleNamespace(num_frames=None, fps=None)
+
+
+def smollm2_tokenizer(special_tokens: list[str]):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2-135m", torch.float32))
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    return tokenizer
+
+
+def text_config(tokenizer) -> dict:
+    return dict(TEXT_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+def build_llava():
+    tokenizer = smollm2_tokenizer(["<image>"])
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",  # CLS dropped: exactly the 4 x 4 patches
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def build_qwen(version: str):
+    tokenizer = smollm2_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    ids = {
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}{suffix}|>")
+        for name, suffix in (("image", "_pad"), ("video", "_pad"), ("vision_start", ""), ("vision_end", ""))
+    }
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = dict(text_config(tokenizer), rope_parameters=rope)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    if version == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+        processor_class = ImageOnlyQwen2VLProcessor
+    else:
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]
+        )
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        processor_class = ImageOnlyQwen2_5_VLProcessor
+    return model, processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+
+
+def build_idefics3(version: str):
+    rows_cols = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = smollm2_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
+    tokenizer.add_tokens(rows_cols)
+    vision = VISION_MODEL
+    # 32 px tiles of 8 px patches, pixel-shuffled by 2: 2 x 2 = 4 tokens per tile; images up to 64 px: 2 x 2 tiles.
+    image_kwargs = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    settings = dict(text_config=text_config(tokenizer), vision_config=vision, scale_factor=2)
+    settings["image_token_id"] = tokenizer.convert_tokens_to_ids("<image>")
+    if version == "idefics3":
+        model = Idefics3ForConditionalGeneration(Idefics3Config(**settings))
+        processor = Idefics3Processor(
+            Idefics3ImageProcessorPil(**image_kwargs), tokenizer, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+        )
+    else:
+        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**settings))
+        processor = ImageOnlySmolVLMProcessor(
+            SmolVLMImageProcessorPil(**image_kwargs), tokenizer, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+        )
+    return model, processor
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "llava":
+        model, processor = build_llava()
+    elif name.startswith("qwen"):
+        model, processor = build_qwen(name)
+    else:
+        model, processor = build_idefics3(name)
+    processor.tokenizer.padding_side = "left"
+    return model.eval(), processor
+
+
+def image(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8))
+
+
+IMAGES = [image(56, 84, 0), image(84, 56, 1)]  # Qwen: 2 x 3 and 3 x 2 merged tokens; Idefics3: 2 x 2 tiles each
+PROMPT = "Describe the two images."
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {}
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request, built):
+    if request.param not in built:
+        built[request.param] = build(request.param)
+    model, processor = built[request.param]
+    return request.param, model, processor
+
+
+def generate(model, inputs: dict, method: str | None, budget: float = 1.0, tokens: int = 4, **params):
+    """Greedy generation, uncompressed (`method` None: transformers' own cache) or with a press."""
+    settings = dict(max_new_tokens=tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if method is None:
+        plain = {k: v for k, v in inputs.items() if k not in ("modality", "patches")}
+        return model.generate(**plain, **settings)
+    return get_press(method, budget=budget, **params).generate(model, **inputs, **settings)
+
+
+def test_every_method_keeping_everything_equals_uncompressed_generation(arch):
+    _, model, processor = arch
+    inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
+    reference = generate(model, inputs, None)
+    for method in METHODS:
+        output = generate(model, inputs, method, budget=1.0)
+        assert torch.equal(output.sequences, reference.sequences), method
+        for ours, theirs in zip(output.logits, reference.logits, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=method)
+
+
+def test_the_modality_map_marks_exactly_the_image_tokens(arch):
+    name, model, processor = arch
+    inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
+    image_tokens = inputs["input_ids"] == model.config.image_token_id
+    assert torch.equal(inputs["modality"] == IMAGE, image_tokens)
+    assert torch.equal(inputs["modality"] == TEXT, ~image_tokens)
+    if name.startswith("qwen"):  # Qwen's own map (0 text, 1 image, 2 video) is the same
+        assert torch.equal(inputs["modality"], inputs["mm_token_type_ids"])
+
+
+EXPECTED_GRIDS = {
+    "llava": [(4, 4)] * 2,  # 32 px / 8 px patches, CLS dropped
+    "qwen2_vl": [(2, 3), (3, 2)],  # 56 x 84 px in 14 px patches, merged 2 x 2
+    "qwen2_5_vl": [(2, 3), (3, 2)],
+    "idefics3": [(2, 2)] * 10,  # per image: 2 x 2 tiles + the global view, each 2 x 2 tokens
+    "smolvlm": [(2, 2)] * 10,
+}
+
+
+def test_patch_grids_have_the_right_shape_per_image(arch):
+    name, model, processor = arch
+    inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
+    patches = inputs["patches"][0]
+    visual = patches[patches[:, 0] >= 0]
+    grids = []
+    for index in visual[:, 0].unique_consecutive().tolist():
+        cells = visual[visual[:, 0] == index, 1:]
+        rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        assert torch.equal(cells, grid), f"grid {index} is not laid out row-major"
+        grids.append((rows, cols))
+    assert grids == EXPECTED_GRIDS[name]
+    if name in ("idefics3", "smolvlm"):  # one grid per tile and global view the processor made
+        assert len(grids) == inputs["pixel_values"].shape[1]
+
+
+def batch_inputs(model, processor) -> dict:
+    """Two prompts of different lengths with different images, left-padded."""
+    texts = []
+    for images, question in (([IMAGES[0]], "What is shown?"), (IMAGES, "Compare these two pictures in detail.")):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    outputs = processor(text=texts, images=[[IMAGES[0]], IMAGES], padding=True, return_tensors="pt")
+    assert bool((outputs["attention_mask"][:, 0] == 0).any()), "the batch should be left-padded"
+    return multimodal_inputs(model, dict(outputs))
+
+
+@pytest.mark.parametrize("method", ["snapkv", "madakv", "streaming_llm", "adakv:knorm"])
+def test_generation_after_eviction_with_a_left_padded_batch(arch, method):
+    _, model, processor = arch
+    inputs = batch_inputs(model, processor)
+    real = inputs["attention_mask"].sum(-1)
+    cache = CompressedCache(get_press(method, budget=0.5))
+    output = generate(model, {**inputs, "past_key_values": cache}, method, budget=0.5, tokens=5)
+    assert output.sequences.shape == (2, inputs["input_ids"].shape[1] + 5)
+    assert all(torch.isfinite(step).all() for step in output.logits)
+    grown = 4 if method != "streaming_llm" else 0  # streaming_llm evicts while decoding, the others append
+    kept = torch.stack([layer.kept_lengths() for layer in cache.layers]).float().mean((0, 2))  # per row
+    budget = (real.double() * 0.5).floor().float() + grown  # on average over layers and heads
+    if method == "madakv":  # it can keep a token per head less on a left-padded row (seen on text models too)
+        assert bool((kept <= budget).all()) and bool((kept >= budget - 1).all())
+    else:
+        assert torch.equal(kept, budget)
+
+
+def kept_dynamic_cache(full: DynamicCache, columns: list[int]) -> DynamicCache:
+    """A DynamicCache holding exactly the given columns of every layer of `full`."""
+    kept = DynamicCache()
+    index = torch.tensor(columns)
+    for layer_idx, layer in enumerate(full.layers):
+        kept.update(layer.keys[:, :, index], layer.values[:, :, index], layer_idx)
+    return kept
+
+
+def test_decoding_after_eviction_equals_a_cache_holding_exactly_the_kept_tokens(arch):
+    """Positions stay right after eviction (Qwen's 3-D rope included): the compressed cache, which reports the
+    logical length, decodes exactly like a DynamicCache holding only the kept tokens, fed the true positions."""
+    name, model, processor = arch
+    inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
+    plain = {k: v for k, v in inputs.items() if k not in ("modality", "patches")}
+    seq = inputs["input_ids"].shape[1]
+    press = get_press("streaming_llm", budget=0.5, evict_every=0)  # the same tokens in every layer and head
+    cache = CompressedCache(press, modality=inputs["modality"], patches=inputs["patches"])
+    full = DynamicCache()
+    with torch.no_grad():
+        with press.attach(model):
+            ours = model(**plain, past_key_values=cache, use_cache=True).logits[:, -1]
+        theirs = model(**plain, past_key_values=full, use_cache=True).logits[:, -1]
+        if name.startswith("qwen"):  # the next text position after the prompt's 3-D positions
+            positions, _ = model.model.get_rope_index(
+                inputs["input_ids"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=inputs["attention_mask"],
+            )
+            next_position = int(positions.max()) + 1
+        else:
+            next_position = seq
+        columns = cache.kept_positions()[0][0][0]
+        assert len(columns) == seq // 2 < seq
+        assert all(head == columns for layer in cache.kept_positions() for head in layer[0])
+        reference = kept_dynamic_cache(full, columns)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # the prefill's own logits are unchanged
+        for step in range(4):
+            token = ours.argmax(-1, keepdim=True)
+            position = torch.tensor([[next_position + step]])
+            if name.startswith("qwen"):
+                position = position[None].expand(3, 1, 1)
+            with press.attach(model):
+                ours = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+            theirs = model(input_ids=token, past_key_values=reference, position_ids=position, use_cache=True).logits
+            torch.testing.assert_close(ours, theirs[:, -1], rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert cache.get_seq_length() == seq + 4
+
+
+def test_images_without_image_tokens_ask_for_an_explicit_modality_map(built):
+    if "llava" not in built:
+        built["llava"] = build("llava")
+    model, processor = built["llava"]
+    inputs = dict(processor(text="USER: <image>\nWhat is it? ASSISTANT:", images=[IMAGES[0]], return_tensors="pt"))
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, 5)
+    with pytest.raises(ValueError, match=r"no image tokens were found .* pass an explicit modality map"):
+        multimodal_inputs(model, inputs)
+
+
+def test_a_processor_given_map_is_used_as_is(built):
+    model, processor = built.get("llava") or build("llava")
+    inputs = dict(processor(text="USER: <image>\nWhat is it? ASSISTANT:", images=[IMAGES[0]], return_tensors="pt"))
+    modality = torch.full_like(inputs["input_ids"], TEXT)
+    modality[0, -3:] = IMAGE
+    patches = torch.full((*modality.shape, 3), -1)
+    patches[0, -3:] = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 2]])
+    result = multimodal_inputs(model, {**inputs, "modality": modality, "patches": patches})
+    assert torch.equal(result["modality"], modality) and torch.equal(result["patches"], patches)
+    with pytest.raises(ValueError, match="patch map must give"):
+        multimodal_inputs(model, {**inputs, "modality": modality, "patches": patches.roll(1, dims=1)})
+
+
+def test_a_language_model_outside_the_attention_interface_is_refused():
+    vision = CLIPVisionConfig(**VISION_MODEL)
+    text = BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, tie_word_embeddings=False)
+    model = LlavaForConditionalGeneration(config)  # Llava around a Bloom language model
+    with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
+        get_press("snapkv", budget=0.5).generate(model, input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=1)

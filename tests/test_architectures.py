@@ -4,6 +4,7 @@ processors, as tiny randomly initialised models (no weights can be downloaded he
 Video processors need torchvision, which is not installed: the Qwen and SmolVLM processors are built for images only.
 """
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,8 +37,9 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+from typer.testing import CliRunner
 
-from modalkv import CompressedCache, get_press
+from modalkv import CompressedCache, cli, get_press, load_model
 from modalkv.modality import IMAGE, TEXT
 from modalkv.models import embedded_model_path
 from modalkv.multimodal import encode_multimodal, multimodal_inputs
@@ -377,3 +379,94 @@ def test_a_language_model_outside_the_attention_interface_is_refused():
     model = LlavaForConditionalGeneration(config)  # Llava around a Bloom language model
     with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
         get_press("snapkv", budget=0.5).generate(model, input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=1)
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory, built):
+    """The tiny Llava saved with its processor, as a user's local checkpoint; and two image files."""
+    if "llava" not in built:
+        built["llava"] = build("llava")
+    model, processor = built["llava"]
+    folder = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    for index, picture in enumerate(IMAGES):
+        picture.save(folder / f"image{index}.png")
+    return folder
+
+
+def cli_message(result) -> str:
+    """stderr without rich's panel borders and line wrapping."""
+    text = result.stderr
+    for char in "│╭╮╰╯─":
+        text = text.replace(char, " ")
+    return " ".join(text.split())
+
+
+def test_cli_generate_answers_from_images_with_a_local_vlm(llava_folder, built):
+    model, processor = built["llava"]
+    images = [str(llava_folder / "image0.png"), str(llava_folder / "image1.png")]
+    args = ["generate", "--model", str(llava_folder), "--prompt", PROMPT, "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(cli.app, [*args, "--image", images[0], "--image", images[1]])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    inputs = encode_multimodal(model, processor, PROMPT, [Image.open(path).convert("RGB") for path in images])
+    expected = generate(model, inputs, None).sequences[0, inputs["input_ids"].shape[1] :]
+    assert record["text"] == processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert record["prompt_tokens"] == inputs["input_ids"].shape[1] and record["generated_tokens"] == 4
+    result = CliRunner().invoke(cli.app, [*args, "--image", images[0], "--method", "snapkv", "--budget", "0.5"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["prompt_tokens"] == inputs["input_ids"].shape[1] - 17  # one image fewer: 4 x 4 tokens + newline
+    assert record["cache_bytes"] < 0.6 * record["full_cache_bytes"]
+
+
+def test_cli_refuses_a_missing_image_and_images_for_a_text_model(llava_folder):
+    args = ["generate", "--prompt", "What is it?", "--image"]
+    result = CliRunner().invoke(cli.app, [*args, str(llava_folder / "missing.png"), "--model", str(llava_folder)])
+    assert result.exit_code == 2 and "image file not found" in cli_message(result)
+    result = CliRunner().invoke(cli.app, [*args, str(llava_folder / "image0.png")])  # the embedded SmolLM2
+    assert result.exit_code == 2 and "is a text-only model" in cli_message(result), result.output
+
+
+@pytest.fixture(scope="module")
+def smollm2_llava():
+    """Llava around the real SmolLM2-135M-Instruct (random vision tower and projector)."""
+    language_model, tokenizer = load_model("smollm2-135m")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION_MODEL),
+        text_config=language_model.config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    model.resize_token_embeddings(len(tokenizer))
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    return model, processor
+
+
+@pytest.mark.slow
+def test_llava_with_the_real_smollm2_keeps_uncompressed_generation_and_compresses(smollm2_llava):
+    model, processor = smollm2_llava
+    inputs = encode_multimodal(model, processor, "What is the capital of France? Answer in one word.", IMAGES)
+    reference = generate(model, inputs, None)
+    output = generate(model, inputs, "madakv", budget=1.0)
+    assert torch.equal(output.sequences, reference.sequences)
+    for ours, theirs in zip(output.logits, reference.logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    cache = CompressedCache(get_press("madakv", budget=0.3))
+    output = generate(model, {**inputs, "past_key_values": cache}, "madakv", budget=0.3)
+    assert output.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert 0.2 < cache.cache_bytes() / cache.full_cache_bytes() < 0.4

@@ -10,15 +10,18 @@ from typing import Annotated
 
 import torch
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from transformers import ProcessorMixin
 
 from modalkv.cache import CompressedCache
 from modalkv.eval.cli import eval_command, report_command
 from modalkv.generation import encode_prompt, generate_timed
 from modalkv.modality import modality_from_input_ids
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
+from modalkv.multimodal import encode_multimodal
 from modalkv.presses import PRESSES, Press, get_press
 from modalkv.presses.base import check_prompt_length
 
@@ -105,6 +108,20 @@ def read_modality(path: Path | None) -> torch.Tensor | None:
     return torch.tensor([codes], dtype=torch.long)
 
 
+def read_images(paths: list[Path] | None) -> list[Image.Image]:
+    """Opens each --image file as RGB; a missing or unreadable file is a usage error naming it."""
+    images = []
+    for path in paths or []:
+        if not path.is_file():
+            raise typer.BadParameter(f"image file not found (or not a file): {path}")
+        try:
+            with Image.open(path) as opened:
+                images.append(opened.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as error:
+            raise typer.BadParameter(f"cannot read the image {path}: {error}") from None
+    return images
+
+
 def prefill(model: str, dtype: str, press, text: str, raw: bool, modality: torch.Tensor | None):
     """Loads `model`, runs the prompt's prefill through `press`; returns (compressed cache, prompt tokens)."""
     with console.status(f"loading {model}"):
@@ -137,16 +154,32 @@ def generate(
     dtype: DtypeOption = "float32",
     modality_file: ModalityOption = None,
     param: ParamOption = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="image file for a vision-language model (repeatable, in prompt order)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Generate an answer with a compressed KV cache."""
+    """Generate an answer with a compressed KV cache (from a text prompt, or images and a prompt)."""
     text = read_prompt(prompt, prompt_file)
     modality = read_modality(modality_file)
+    images = read_images(image)
     try:
         press = make_press(method, budget, param)
         with console.status(f"loading {model}"):
             lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-        inputs = encode_prompt(tokenizer, text, raw=raw)
+        if isinstance(tokenizer, ProcessorMixin):  # a vision-language model: its processor also gives the maps
+            inputs = encode_multimodal(lm, tokenizer, text, images, raw=raw)
+            derived, tokenizer = inputs.pop("modality", None), tokenizer.tokenizer
+            if modality is None:
+                modality = derived
+            else:  # the user's map replaces the derived one; the patch grid is then inferred from it
+                inputs.pop("patches", None)
+        elif images:
+            raise ValueError(
+                f"{model} is a text-only model (it has no image processor); --image needs a vision-language model"
+            )
+        else:
+            inputs = encode_prompt(tokenizer, text, raw=raw)
         with console.status(f"prefill of {inputs['input_ids'].shape[1]} tokens and decoding with {method}"):
             result = generate_timed(lm, tokenizer, press, inputs, max_new_tokens, min_new_tokens, modality)
     except ValueError as error:

@@ -45,10 +45,11 @@ def print_summary(summary: report.Summary, title: str) -> None:
     header, rows = report.table(summary)
     table = Table(title=title)
     for column in header:
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
-    Console(width=max(120, 14 * len(header))).print(table)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    Console(width=max(100, sum(widths) + 3 * len(widths) + 1)).print(table)
     for line in report.failure_lines(summary):
         console.print(f"[yellow]failures[/yellow] {line}")
 
@@ -76,11 +77,13 @@ def eval_command(
 
     Runs data-parallel under `accelerate launch` or `torchrun`: each process takes its share of the examples.
     """
+    import torch
     from accelerate import PartialState
 
     from modalkv.cli import fail, parse_params
 
-    state = PartialState()
+    # Without CUDA, processes started by torchrun talk over gloo only if accelerate is told it is on the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
     try:
         presses = runner.make_presses(_split(methods), [_budget(b) for b in _split(budgets)], parse_params(param))
         options = _task_options(task_option)

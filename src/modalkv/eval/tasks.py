@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, ProcessorMixin
 
 from modalkv.generation import encode_prompt, generate_timed
 from modalkv.presses import Press
@@ -87,7 +87,7 @@ class GenerationTask:
         raise NotImplementedError
 
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
-        inputs, modality, image_input = encode_example(processor, example)
+        inputs, modality, image_input = encode_example(model, processor, example)
         result = generate_timed(
             model, tokenizer_of(processor), press, inputs, example.max_new_tokens, min_new_tokens=1, modality=modality
         )
@@ -105,44 +105,56 @@ class GenerationTask:
 
 
 def is_processor(processor: Any) -> bool:
-    """True for a multimodal processor (it has an image processor), False for a plain tokenizer."""
-    return hasattr(processor, "image_processor")
+    """True for a vision-language model's processor (what `load_model` returns for one), False for a tokenizer."""
+    return isinstance(processor, ProcessorMixin)
 
 
 def tokenizer_of(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
+    return processor.tokenizer if is_processor(processor) else processor
 
 
 def open_image(path: Path) -> Any:
     """The image as an RGB PIL image; ValueError naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read the image {path}: {error}") from None
 
 
-def encode_example(processor: Any, example: Example) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str]:
-    """Model inputs, modality map (or None: derived from the model) and how images were given.
+def encode_example(
+    model: PreTrainedModel, processor: Any, example: Example
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str]:
+    """Model inputs, modality map (None: derived from the model) and how the images were given.
 
-    With a multimodal processor, each placeholder becomes the processor's image token and the images go through the
-    processor (its `modality` output, if any, is the modality map). A text-only model reads IMAGE_STANDIN instead.
+    With a processor, the images go where their placeholders are (one user turn of text and image parts through the
+    processor's chat template, or the processor's image token in place with `chat=False`), and the modality and patch
+    maps come from `modalkv.multimodal`. A text-only model reads IMAGE_STANDIN in place of each image.
     """
     if not example.images:
-        return encode_prompt(processor, example.prompt, raw=not example.chat), None, "none"
+        return encode_prompt(tokenizer_of(processor), example.prompt, raw=not example.chat), None, "none"
     if not is_processor(processor):
         text = example.prompt.replace(IMAGE_PLACEHOLDER, IMAGE_STANDIN)
         return encode_prompt(processor, text, raw=not example.chat), None, "stand-in"
-    text = example.prompt.replace(IMAGE_PLACEHOLDER, processor.image_token)
-    tokenizer = tokenizer_of(processor)
-    if example.chat and tokenizer.chat_template is not None:
-        messages = [{"role": "user", "content": text}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from modalkv.multimodal import multimodal_inputs
+
+    pieces = example.prompt.split(IMAGE_PLACEHOLDER)
+    if example.chat and processor.chat_template is not None:
+        content = [{"type": "text", "text": pieces[0]}]
+        for piece in pieces[1:]:
+            content += [{"type": "image"}, {"type": "text", "text": piece}]
+        messages = [{"role": "user", "content": [part for part in content if part.get("text") != ""]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = processor.image_token.join(pieces)
+    bos = tokenizer_of(processor).bos_token
+    special = not (bos is not None and text.startswith(bos))  # a template that wrote BOS gets no second one
     images = [open_image(path) for path in example.images]
-    inputs = dict(processor(text=text, images=images, return_tensors="pt"))
-    return inputs, inputs.pop("modality", None), "processor"
+    outputs = processor(text=text, images=images, return_tensors="pt", add_special_tokens=special)
+    inputs = multimodal_inputs(model, dict(outputs))
+    return inputs, inputs.pop("modality"), "processor"
 
 
 # -- the registry ---------------------------------------------------------------------------------------------------

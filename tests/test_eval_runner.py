@@ -1,0 +1,194 @@
+"""`modalkv eval` / `modalkv report` end to end on a tiny random Llama: records, resume, failures, report."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eval_tiny import save_tiny_model
+from typer.testing import CliRunner
+
+from modalkv import cli
+from modalkv.eval import runner
+from modalkv.eval.tasks import build_task
+
+FIXTURE = Path(__file__).parent / "fixtures" / "milebench"
+TASK_OPTIONS = [
+    *("-t", "passkey.lengths=64,128", "-t", "passkey.depths=0.5", "-t", "passkey.max_new_tokens=4"),
+    *("-t", "fidelity.context_tokens=48", "-t", "fidelity.continuation_tokens=6", "-t", "fidelity.samples=2"),
+    *("-t", "milebench.max_new_tokens=3", "-t", "milebench.max_context_len=200"),
+]
+EXAMPLES = 2 + 2 + 6  # passkey, fidelity, MileBench (7 samples, one with a missing image)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def eval_args(tiny: Path, out: Path, methods: str = "full,streaming_llm,snapkv", *extra: str) -> list[str]:
+    args = ["eval", "--model", str(tiny), "--out", str(out), "--methods", methods, "--budgets", "0.5"]
+    return [*args, "--tasks", f"passkey,fidelity,milebench:{FIXTURE}", *TASK_OPTIONS, *extra]
+
+
+def run_eval(tiny: Path, out: Path, methods: str = "full,streaming_llm,snapkv", *extra: str):
+    return CliRunner().invoke(cli.app, eval_args(tiny, out, methods, *extra))
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny, tmp_path_factory):
+    """One single-process run of the grid; tests that change a run work on a copy."""
+    out = tmp_path_factory.mktemp("base-run")
+    result = run_eval(tiny, out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def lines(out: Path) -> list[dict]:
+    return lines_of(out / "records.rank0.jsonl")
+
+
+@pytest.fixture
+def count_evaluations(monkeypatch) -> list:
+    calls = []
+    real = runner.evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].example.id)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", counting)
+    return calls
+
+
+def test_grid_records_failures_and_summary(base_run):
+    out, result = base_run
+    records = lines(out)
+    assert len(records) == EXAMPLES * 3  # full once + 2 methods at one budget
+    assert {(r["method"], r["budget"]) for r in records} == {("full", 1.0), ("streaming_llm", 0.5), ("snapkv", 0.5)}
+    for record in records:
+        assert {"prediction", "reference", "score", "cache_bytes", "prefill_seconds", "decode_ms_per_token"} <= set(
+            record
+        )
+        assert 0 <= record["score"] <= 1
+    full = [r for r in records if r["method"] == "full"]
+    assert all(r["cache_ratio"] == 1.0 for r in full)
+    assert all(r["metrics"]["kl"] < 1e-4 and r["score"] == 1.0 for r in full if r["task"] == "fidelity")
+    compressed = [r for r in records if r["method"] == "snapkv" and r["task"] == "passkey"]
+    assert all(r["cache_ratio"] < 0.6 for r in compressed)
+    milebench = [r for r in records if r["task"].startswith("milebench/")]
+    assert {r["image_input"] for r in milebench} == {"stand-in"} and all(r["images"] > 0 for r in milebench)
+    failures = [json.loads(line) for line in (out / "failures.rank0.jsonl").read_text().splitlines()]
+    assert sorted(f["task"] for f in failures) == ["milebench/ActionSequence", "milebench/Broken"]
+    assert "milebench/Broken: 1 failed" in result.stderr.replace("\n", " ")
+    assert "milebench/TextNeedleInAHaystack" in result.stdout and "fidelity kl" in result.stdout
+
+
+def test_resume_skips_finished_records_and_redoes_only_the_missing(tiny, base_run, tmp_path, count_evaluations):
+    run = copy_of(base_run[0], tmp_path)
+    first = lines(run)
+    assert run_eval(tiny, run).exit_code == 0
+    assert count_evaluations == [] and lines(run) == first
+    # An interruption: the last 4 records are lost and the one before was cut mid-line.
+    text = (run / "records.rank0.jsonl").read_text().splitlines()
+    (run / "records.rank0.jsonl").write_text("\n".join(text[:-5]) + "\n" + text[-5][:40])
+    assert run_eval(tiny, run).exit_code == 0
+    assert len(count_evaluations) == 5
+    deterministic = ("prediction", "score", "cache_bytes", "prompt_tokens")
+    assert comparable(runner.read_records(run), deterministic) == comparable(first, deterministic)
+    # A new method runs only its own cells; `full` and the others are not run again.
+    count_evaluations.clear()
+    assert run_eval(tiny, run, "full,streaming_llm,snapkv,knorm").exit_code == 0
+    assert len(count_evaluations) == EXAMPLES
+
+
+def comparable(records: list[dict], fields: tuple[str, ...]) -> list:
+    return sorted((runner.record_key(r), [r[f] for f in fields]) for r in records)
+
+
+def test_changed_task_options_refuse_to_resume(tiny, base_run, tmp_path):
+    run = copy_of(base_run[0], tmp_path)
+    result = run_eval(tiny, run, "full", "-t", "passkey.seed=3")
+    assert result.exit_code == 2 and "use another --out" in result.stderr.replace("\n", " ")
+
+
+def test_report_rebuilds_table_figures_and_page_from_jsonl(base_run, tmp_path):
+    run = copy_of(base_run[0], tmp_path)
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    result = CliRunner().invoke(cli.app, ["report", str(run), "--markdown", str(page), "--plots"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (run / "plots").iterdir()} == {
+        "accuracy_vs_budget.png",
+        "tasks_at_0.5.png",
+        "fidelity_vs_budget.png",
+        "summary.json",
+    }
+    text = page.read_text()
+    assert "](results-figures/accuracy_vs_budget.png)" in text and (page.parent / "results-figures").is_dir()
+    assert "| streaming_llm | 0.5 |" in text and "milebench/Broken: 1 failed" in text
+    summary = json.loads((run / "plots" / "summary.json").read_text())
+    full = next(row for row in summary["rows"] if row["method"] == "full")
+    records = [r for r in runner.read_records(run) if r["method"] == "full" and r["task"] == "passkey"]
+    assert full["scores"]["passkey"] == pytest.approx(sum(r["score"] for r in records) / len(records))
+    assert "fidelity" not in summary["averaged"] and "passkey" in summary["averaged"]
+
+
+def test_two_processes_under_torchrun_merge_to_the_single_process_run(tiny, base_run, tmp_path):
+    """Data-parallel: each rank writes its own share, and `report` merges them into the single-process records."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "modalkv", *eval_args(tiny, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [lines_of(out / f"records.rank{k}.jsonl") for k in (0, 1)]
+    assert all(ranks) and {r["rank"] for r in ranks[1]} == {1}
+    assert not {runner.record_key(r) for r in ranks[0]} & {runner.record_key(r) for r in ranks[1]}
+    deterministic = ("prediction", "score", "cache_bytes", "full_cache_bytes", "prompt_tokens", "reference")
+    assert comparable(runner.read_records(out), deterministic) == comparable(lines(base_run[0]), deterministic)
+    merged = {runner.record_key(r): r["metrics"] for r in runner.read_records(out)}
+    for record in lines(base_run[0]):
+        assert merged[runner.record_key(record)] == pytest.approx(record["metrics"], abs=1e-5)
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_presses_of_a_grid():
+    presses = runner.make_presses(["full", "snapkv", "random", "streaming_llm"], [0.1, 0.5], {"window_size": 8})
+    labels = [(p.label(), p.budget) for p in presses]
+    assert labels[0] == ("full", 1.0) and len(labels) == 7
+    assert ("snapkv(window_size=8)", 0.1) in labels and ("random(seed=0)", 0.5) in labels
+    assert ("streaming_llm", 0.5) in labels
+    with pytest.raises(ValueError, match="takes the parameter"):
+        runner.make_presses(["full", "streaming_llm"], [0.5], {"window_size": 8})
+
+
+def test_task_names_and_options():
+    with pytest.raises(ValueError, match="synthetic multimodal suite is not available yet"):
+        build_task("synthetic", {})
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        build_task("nope", {})
+    with pytest.raises(ValueError, match="no option 'size'"):
+        build_task("passkey", {"size": "3"})
+    with pytest.raises(ValueError, match=r"passkey\.lengths must be int"):
+        build_task("passkey", {"lengths": "1k"})
+    with pytest.raises(ValueError, match="path"):
+        build_task("milebench", {})
+    task = build_task(f"milebench:{FIXTURE}", {"tokens_per_image": "none", "datasets": "GPR1200,MMCoQA"})
+    assert task.path == FIXTURE and task.tokens_per_image is None and task.datasets == ("GPR1200", "MMCoQA")
+    assert build_task("passkey", {"lengths": "1024,8192"}).lengths == (1024, 8192)
+
+
+def test_unknown_synthetic_task_on_the_command_line(tmp_path):
+    result = CliRunner().invoke(cli.app, ["eval", "--out", str(tmp_path), "--tasks", "passkey,synthetic"])
+    assert result.exit_code == 2 and "not available yet" in result.stderr

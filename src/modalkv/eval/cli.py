@@ -142,6 +142,7 @@ def eval_command(
     state.wait_for_everyone()
     if state.is_main_process:
         print_summary(report.load_summary(out), f"{model}: {out}")
+    state.destroy_process_group()
 
 
 def report_command(

@@ -122,6 +122,13 @@ def _full(summary: Summary) -> Row | None:
     return next((row for row in summary.rows if row.method == "full"), None)
 
 
+def _budget_ticks(axis, summary: Summary) -> None:
+    """The run's budgets as the x ticks of a log axis."""
+    budgets = sorted({r.budget for rows in _ratio_rows(summary).values() for r in rows})
+    axis.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    axis.minorticks_off()
+
+
 def accuracy_figure(summary: Summary) -> Figure:
     """Score vs budget per task (and the average): one line per method, the full cache as a dashed line."""
     from modalkv.plots import _pyplot
@@ -147,7 +154,8 @@ def accuracy_figure(summary: Summary) -> Figure:
         full = _full(summary)
         if full is not None and value(full, panel) is not None:
             axis.axhline(100 * value(full, panel), color="black", linestyle="--", label="full")
-        axis.set(title=panel, xlabel="budget (kept fraction)", ylabel="score x100", xscale="log")
+        axis.set(title=panel, xlabel="budget (kept fraction)", ylabel="score x100", xscale="log", ylim=(-3, 103))
+        _budget_ticks(axis, summary)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=7)
@@ -188,7 +196,9 @@ def fidelity_figure(summary: Summary, task: str = "fidelity") -> Figure:
         if top1:
             top1_axis.plot(*zip(*top1, strict=True), marker="o", label=method)
     kl_axis.set(title="next-token KL(full || compressed)", xlabel="budget", ylabel="nats/token", xscale="log")
-    top1_axis.set(title="top-1 agreement with the full cache", xlabel="budget", xscale="log")
+    top1_axis.set(title="top-1 agreement with the full cache", xlabel="budget", xscale="log", ylim=(-0.03, 1.03))
+    for axis in (kl_axis, top1_axis):
+        _budget_ticks(axis, summary)
     kl_axis.legend(fontsize=7)
     figure.tight_layout()
     return figure

@@ -88,6 +88,8 @@ class GenerationTask:
 
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
         inputs, modality, image_input = encode_example(model, processor, example)
+        inputs = {key: value.to(model.device) for key, value in inputs.items()}
+        modality = None if modality is None else modality.to(model.device)
         result = generate_timed(
             model, tokenizer_of(processor), press, inputs, example.max_new_tokens, min_new_tokens=1, modality=modality
         )

@@ -23,6 +23,7 @@ JSON_KEYS = {
     "cache_bytes",
     "full_cache_bytes",
     "allocated_bytes",
+    "memory_bytes",
     "prefill_seconds",
     "decode_ms_per_token",
 }

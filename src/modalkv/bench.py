@@ -34,6 +34,7 @@ class Run:
     decode_ms_per_token: float  # median over decoded tokens after `warmup`
     cache_bytes: int  # KV bytes held after decoding
     full_cache_bytes: int
+    memory_bytes: int = 0  # a press's state beside the tokens (RetentiveKV), not in cache_bytes
 
 
 @torch.no_grad()
@@ -62,6 +63,7 @@ def measure(model: PreTrainedModel, press: Press | None, prompt: torch.Tensor, d
         decode_ms_per_token=1000 * statistics.median(steps[warmup:] or steps),
         cache_bytes=held,
         full_cache_bytes=full_bytes,
+        memory_bytes=0 if press is None else cache.memory_bytes(),
     )
 
 

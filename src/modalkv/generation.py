@@ -46,6 +46,7 @@ class GenerationResult:
     cache_bytes: int  # KV bytes held at the end
     full_cache_bytes: int  # what an uncompressed cache would hold for the same tokens
     allocated_bytes: int  # bytes the storage allocated (kept + documented slack)
+    memory_bytes: int  # a press's state beside the tokens (RetentiveKV's memories), not in cache_bytes
     prefill_seconds: float
     decode_ms_per_token: float | None  # median over decoded tokens; None with fewer than 2 new tokens
 
@@ -90,6 +91,7 @@ def generate_timed(
         cache_bytes=cache.cache_bytes(),
         full_cache_bytes=cache.full_cache_bytes(),
         allocated_bytes=cache.allocated_bytes(),
+        memory_bytes=cache.memory_bytes(),
         prefill_seconds=clock.times[0] - start,
         decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
     )

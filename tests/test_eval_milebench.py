@@ -110,3 +110,23 @@ def test_single_dataset_folder_selection_and_bad_samples(tmp_path, tokenizer):
     assert str(bad / "Odd.json") in failures[0].error
     with pytest.raises(ValueError, match="MileBench folder not found"):
         MileBenchTask(path=tmp_path / "nowhere").load(tokenizer)
+
+
+def test_a_vision_language_model_gets_the_images_in_place_through_its_processor():
+    from test_architectures import build_llava
+
+    from modalkv.modality import IMAGE
+    from modalkv.presses import get_press
+
+    model, processor = build_llava()  # 4 x 4 = 16 image tokens per image
+    task = MileBenchTask(path=FIXTURE, datasets=("ActionSequence",), tokens_per_image=16, max_new_tokens=2)
+    example = task.load(processor)[0][0]
+    inputs, modality, image_input = encode_example(model, processor, example)
+    assert image_input == "processor" and inputs["pixel_values"].shape[0] == 3
+    image_columns = (modality[0] == IMAGE).nonzero().flatten().tolist()
+    assert len(image_columns) == 3 * 16
+    text = processor.tokenizer.decode(inputs["input_ids"][0, : image_columns[0]])
+    assert "answer the question about the actions" in text  # the instruction comes first, then the frames
+    assert "Question: What did the person do first?" not in text
+    outcome = task.evaluate(model, processor, get_press("snapkv", budget=0.5, window_size=8), example)
+    assert outcome.image_input == "processor" and outcome.cache_bytes < 0.6 * outcome.full_cache_bytes

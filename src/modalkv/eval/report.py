@@ -91,7 +91,8 @@ def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
             else:
                 partial = f" ({row.counts[task]}/{most[task]})" if row.counts[task] < most[task] else ""
                 cells.append(f"{100 * row.scores[task]:.1f}{partial}")
-        cells += [f"{row.metrics[m]:.3f}" if m in row.metrics else "-" for m in summary.metrics]
+        for name in summary.metrics:  # the full cache's KL with itself is ~±1e-8: shown as 0.000, not -0.000
+            cells.append(f"{row.metrics[name]:.3f}".replace("-0.000", "0.000") if name in row.metrics else "-")
         if summary.averaged:
             cells.append("-" if row.average is None else f"{100 * row.average:.1f}")
         lines.append(cells)

@@ -57,7 +57,7 @@ def read_failures(out: Path) -> list[dict]:
 
 def make_presses(methods: list[str], budgets: list[float | int], params: dict[str, Any]) -> list[Press]:
     """`full` once (budget 1.0), then every other method at every budget. Each parameter goes to the methods that
-    have it (ValueError if none does); `random` gets seed 0 unless one is given, so that runs repeat."""
+    have it (ValueError if none does); a press with a `seed` gets 0 unless one is given, so that runs repeat."""
     presses = []
     used = set()
     for method in methods:
@@ -65,7 +65,7 @@ def make_presses(methods: list[str], budgets: list[float | int], params: dict[st
             probe = get_press(method, budget=budget)
             fields = {f.name for f in dataclasses.fields(probe)} | {f.name for f in _inner_fields(probe)}
             own = {key: value for key, value in params.items() if key in fields}
-            if "seed" in fields and probe.name == "random":
+            if "seed" in fields:
                 own.setdefault("seed", 0)
             used |= own.keys()
             presses.append(get_press(method, budget=budget, **own))

@@ -70,6 +70,8 @@ class Outcome:
 
 
 class Task(Protocol):
+    """The contract the runner relies on; `GenerationTask` implements `evaluate` for generate-then-score tasks."""
+
     name: ClassVar[str]
     in_average: ClassVar[bool]  # whether its score counts in the summary's average (accuracy-like tasks only)
 

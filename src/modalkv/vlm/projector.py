@@ -2,9 +2,11 @@
 
 No weights are trained. The classifier head of the vision tower is linear after average pooling, so applying it to
 each cell of the feature map gives a per-patch class posterior (whose mean over patches is the image's logits). A
-patch token is then the posterior-weighted mean of the LM's input embeddings of its top-k class names: a soft
-"word" that the language model already reads. Patches on the object carry its class; background patches carry
-whatever they look like, so the visual information stays local to the tokens, as in a real VLM.
+patch token is the LM input embedding of the patch's most likely class name, scaled by that class's probability
+(more generally, the posterior-weighted sum over the top-k classes, not renormalised): a confident patch reads as
+the word, an unsure background patch fades towards zero instead of adding a random word. Patches on the object
+carry its class, the others whatever they look like, so the visual information stays local to the tokens, as in a
+real VLM. docs/mini-vlm.md gives the measurements behind top_k=1 and the scaling.
 """
 
 from __future__ import annotations
@@ -44,25 +46,23 @@ class ClassPosteriorProjector(nn.Module):
     Args:
         classifier: the vision tower's ImageNet head (1280 -> 1000).
         name_embeddings: [1000, D] from `class_name_embeddings`.
-        top_k: classes mixed per patch; the rest of the posterior is dropped (it only blurs the word).
-        temperature: divides the logits before the softmax over the top-k.
+        top_k: classes summed per patch, each weighted by its posterior probability.
     """
 
-    def __init__(self, classifier: nn.Linear, name_embeddings: torch.Tensor, top_k: int = 1, temperature: float = 1.0):
+    def __init__(self, classifier: nn.Linear, name_embeddings: torch.Tensor, top_k: int = 1):
         super().__init__()
         if classifier.in_features != NUM_FEATURES or classifier.out_features != name_embeddings.shape[0]:
             raise ValueError(
                 f"the classifier maps {classifier.in_features} -> {classifier.out_features}, expected "
                 f"{NUM_FEATURES} -> {name_embeddings.shape[0]} (one name embedding per class)"
             )
-        if top_k < 1 or temperature <= 0:
-            raise ValueError(f"top_k must be >= 1 and temperature > 0, got {top_k} and {temperature}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.classifier = classifier
         self.register_buffer("name_embeddings", name_embeddings, persistent=False)
-        self.top_k, self.temperature = top_k, temperature
+        self.top_k = top_k
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(features.flatten(2).transpose(1, 2))  # [B, h*w, 1000]
-        top = logits.topk(self.top_k, dim=-1)
-        weights = (top.values / self.temperature).softmax(-1)  # [B, h*w, k]
-        return (weights[..., None] * self.name_embeddings[top.indices]).sum(-2)
+        posterior = self.classifier(features.flatten(2).transpose(1, 2)).softmax(-1)  # [B, h*w, 1000]
+        top = posterior.topk(self.top_k, dim=-1)
+        return (top.values[..., None] * self.name_embeddings[top.indices]).sum(-2)

@@ -44,6 +44,11 @@ class MiniVLMProcessor:
         self.image_size = image_size
 
     @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's template (`apply_chat_template` adds the image items to it)."""
+        return self.tokenizer.chat_template
+
+    @property
     def grid(self) -> tuple[int, int]:
         """(rows, columns) of patches per image."""
         return self.image_size // STRIDE, self.image_size // STRIDE
@@ -77,14 +82,14 @@ class MiniVLMProcessor:
             flat.append({**message, "content": content})
         return self.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, tokenize=False)
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of one prompt, each placeholder expanded to one image token per patch."""
         rows, cols = self.grid
         ids: list[int] = []
         for i, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
                 ids += [IMAGE_TOKEN_ID] * (rows * cols)
-            segment_ids = self.tokenizer(segment, add_special_tokens=False).input_ids
+            segment_ids = self.tokenizer(segment, add_special_tokens=add_special_tokens and i == 0).input_ids
             if IMAGE_TOKEN_ID in segment_ids:
                 raise ValueError(
                     f"the text spells the image token {self.tokenizer.decode([IMAGE_TOKEN_ID])!r}; "
@@ -99,9 +104,11 @@ class MiniVLMProcessor:
         images: list[Image.Image] | list[list[Image.Image]] | None = None,
         return_tensors: str = "pt",
         padding: bool = True,
+        add_special_tokens: bool = False,
     ) -> BatchFeature:
         """Encodes a batch of prompts and their images (in placeholder order, all rows' images in one flat list or
-        one list per row).
+        one list per row). `add_special_tokens`: let the tokenizer add its own at the start (the chat template
+        already writes them, and SmolLM2's tokenizer adds none).
 
         Returns:
             BatchFeature with input_ids [B, S] and attention_mask [B, S] (left padding), pixel_values [N, 3, H, W]
@@ -117,7 +124,7 @@ class MiniVLMProcessor:
             raise ValueError(
                 f"the texts hold {sum(counts)} {IMAGE_PLACEHOLDER!r} placeholders but {len(flat)} images were given"
             )
-        encoded = [self._encode(t) for t in texts]
+        encoded = [self._encode(t, add_special_tokens) for t in texts]
         width = max(len(ids) for ids in encoded)
         if not padding and any(len(ids) != width for ids in encoded):
             raise ValueError("prompts of different lengths need padding=True")

@@ -140,8 +140,8 @@ def eval_command(
     records.close()
     failed.close()
     state.wait_for_everyone()
-    if state.is_main_process:
-        print_summary(report.load_summary(out), f"{model}: {out}")
+    if state.is_main_process:  # every example may have failed: then the table is empty and the failures say why
+        print_summary(report.summarize(runner.read_records(out), runner.read_failures(out)), f"{model}: {out}")
     state.destroy_process_group()
 
 

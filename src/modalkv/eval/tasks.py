@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
 
 import torch
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modalkv.generation import encode_prompt, generate_timed
 from modalkv.presses import Press
@@ -109,8 +109,9 @@ class GenerationTask:
 
 
 def is_processor(processor: Any) -> bool:
-    """True for a vision-language model's processor (what `load_model` returns for one), False for a tokenizer."""
-    return isinstance(processor, ProcessorMixin)
+    """True for a vision-language model's processor (transformers' or modalkv's mini-VLM one: anything that wraps a
+    tokenizer), False for a tokenizer."""
+    return not isinstance(processor, PreTrainedTokenizerBase) and hasattr(processor, "tokenizer")
 
 
 def tokenizer_of(processor: Any) -> Any:

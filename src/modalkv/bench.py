@@ -41,14 +41,19 @@ class Run:
 def measure(model: PreTrainedModel, press: Press | None, prompt: torch.Tensor, decode_tokens: int, warmup: int = 2):
     """Greedy prefill + `decode_tokens` steps; `press=None` is transformers' own DynamicCache (the baseline)."""
     cache = DynamicCache() if press is None else CompressedCache(press)
+    # GPU kernels run asynchronously: wait for them, or the clock measures only their launch.
+    synchronize = torch.cuda.synchronize if prompt.is_cuda else lambda: None
     with contextlib.nullcontext() if press is None else press.attach(model):
+        synchronize()
         start = time.perf_counter()
         logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]
+        synchronize()
         prefill = time.perf_counter() - start
         steps = []
         for _ in range(decode_tokens):
             start = time.perf_counter()
             logits = model(logits.argmax(-1), past_key_values=cache, use_cache=True).logits[:, -1:]
+            synchronize()
             steps.append(time.perf_counter() - start)
     if press is None:
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)

@@ -267,27 +267,26 @@ class RetentiveKVPress(Press):
 
     def release(self, view: DecodeView, slots: torch.Tensor) -> None:
         """Absorbs the leaving tokens into the recall state (image patches into the visual state), a = 1, h = the
-        decay at average entropy."""
+        decay at average entropy. Rows that release nothing are untouched (weight 0, decay 1): no boolean indexing,
+        no host sync, every decoding step."""
         memory, block = view.layer.memory, view.block
         if not memory:
             return
         index = torch.arange(len(block.rows), device=slots.device)
-        retention = torch.sigmoid(torch.tensor(self.decay_bias)).item()
+        forget = 1 - 1 / (1 + math.exp(-self.decay_bias))
+        visual = self.visual_slots(view.layer, block, slots.clamp(min=0)) if "visual_state" in memory else None
         for j in range(slots.shape[1]):
-            leaving = slots[:, j] >= 0
+            leaving = (slots[:, j] >= 0).float()
             slot = slots[:, j].clamp(min=0)
-            keys, values = block.keys[index, slot], block.values[index, slot]  # [n, D]
-            visual = self.visual_slots(view.layer, block, slot[:, None])[:, 0] if "visual_state" in memory else None
-            for name in ("recall", "visual"):
-                if f"{name}_state" not in memory:
-                    continue
-                joins = leaving if visual is None else leaving & (visual if name == "visual" else ~visual)
-                rows = block.rows[joins]
-                if len(rows) == 0:
-                    continue
-                state, norm = absorb(keys[joins, None], values[joins, None], keys.new_ones(len(rows), 1).float())
-                memory[f"{name}_state"][rows] = retention * memory[f"{name}_state"][rows] + state
-                memory[f"{name}_norm"][rows] = retention * memory[f"{name}_norm"][rows] + norm
+            keys, values = block.keys[index, slot], block.values[index, slot].float()  # [n, D]
+            for name in ("recall", "visual") if visual is not None else ("recall",):
+                joins = leaving if visual is None else leaving * (visual[:, j] == (name == "visual"))
+                phi = feature_map(keys) * joins[:, None]
+                decay = 1 - forget * joins
+                state, norm = memory[f"{name}_state"], memory[f"{name}_norm"]
+                rows = slice(None) if block.covers_all_rows else block.rows
+                state[rows] = state[rows] * decay[:, None, None] + phi[:, :, None] * values[:, None, :]
+                norm[rows] = norm[rows] * decay[:, None] + phi
 
     def visual_slots(self, layer: CompressedLayer, block: RowBlock, slots: torch.Tensor) -> torch.Tensor:
         """[n, m] bool: whether the tokens in `slots` [n, m] of `block` are image or video tokens of the prompt."""
@@ -306,16 +305,20 @@ class RetentiveKVPress(Press):
         batch, num_heads, q, dim = query.shape
         rows, groups = batch * layer.num_kv_heads, num_heads // layer.num_kv_heads
         memory = layer.memory
-        state = sum(memory[name] for name in ("recall_state", "visual_state") if name in memory)
-        norm = sum(memory[name] for name in ("recall_norm", "visual_norm") if name in memory)
+        state, norm = memory["recall_state"], memory["recall_norm"]
+        if "visual_state" in memory:
+            state, norm = state + memory["visual_state"], norm + memory["visual_norm"]
         phi = feature_map(query.reshape(rows, groups * q, dim))
         numerator = phi @ state  # [R, G * q, D]
         denominator = (phi @ norm[..., None])[..., 0].clamp(min=1e-30)  # [R, G * q]
-        log_mass = phi.new_zeros(rows, groups * q)
-        uncertainty = phi.new_zeros(rows, groups * q)
-        for block, weights, block_mass in zip(layer.blocks, attention, log_masses, strict=True):
-            log_mass[block.rows] = block_mass.float()
-            uncertainty[block.rows] = self.query_entropy(layer, block, weights.float())
+        if len(layer.blocks) == 1:  # one block holds every row, in order
+            log_mass = log_masses[0].float()
+            uncertainty = self.query_entropy(layer, layer.blocks[0], attention[0].float())
+        else:
+            log_mass, uncertainty = phi.new_zeros(rows, groups * q), phi.new_zeros(rows, groups * q)
+            for block, weights, block_mass in zip(layer.blocks, attention, log_masses, strict=True):
+                log_mass[block.rows] = block_mass.float()
+                uncertainty[block.rows] = self.query_entropy(layer, block, weights.float())
         gate = torch.sigmoid(self.gate_weight * uncertainty + self.gate_bias)
         local = output.transpose(1, 2).reshape(rows, groups * q, dim).float()
         if self.combine == "additive":
@@ -328,15 +331,16 @@ class RetentiveKVPress(Press):
     def query_entropy(self, layer: CompressedLayer, block: RowBlock, weights: torch.Tensor) -> torch.Tensor:
         """[n, G * q] entropy of each query's attention over the row's kept image tokens (all kept tokens when the
         row keeps fewer than two), divided by its maximum (log of their number)."""
+        if layer.cache.modality is None:  # text: the weights are already a distribution over the stored tokens
+            entropy = -torch.special.xlogy(weights, weights).sum(-1)
+            return entropy / block.lengths.clamp(min=2).float().log()[:, None]
         length = block.max_length
         stored = torch.arange(length, device=weights.device) < block.lengths[:, None]  # [n, L]
         visual = self.visual_slots(layer, block, torch.arange(length, device=weights.device).expand_as(stored))
-        visual = visual & stored
-        members = torch.where((visual.sum(-1, keepdim=True) >= 2), visual, stored)[:, None]  # [n, 1, L]
+        members = torch.where(((visual & stored).sum(-1, keepdim=True) >= 2), visual & stored, stored)[:, None]
         p = weights * members
         p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
-        entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
-        return entropy / members.sum(-1).clamp(min=2).float().log()
+        return -torch.special.xlogy(p, p).sum(-1) / members.sum(-1).clamp(min=2).float().log()
 
 
 def max_normalised(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Decode speed and prefill memory of the main methods on a machine without the embedded weights (a lent GPU box).
+
+Builds SmolLM2-135M's architecture from its config with random weights (decode cost does not depend on the weight
+values: every method keeps the same number of tokens either way) and runs `modalkv.bench.run_grid` on random-token
+prompts, every number a ratio measured in the same run. On CUDA it also reports the prefill's peak GPU memory per
+method (the allocator's own peak, exact), next to transformers' DynamicCache.
+
+    python tools/device_bench.py --config DIR --device cuda --dtype bfloat16 --context 8192 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from modalkv import CompressedCache, get_press
+from modalkv.bench import run_grid
+from modalkv.models import parse_dtype
+
+PRESSES = [
+    ("full", 1.0, {}),
+    ("snapkv", 0.2, {}),
+    ("madakv", 0.2, {}),
+    ("retentivekv", 0.2, {}),
+    ("retentivekv", 0.2, {"readout": False}),
+]
+
+
+@torch.no_grad()
+def gpu_prefill_peak(model, press, prompt: torch.Tensor) -> int:
+    """Bytes the prefill adds at its peak on the GPU, weights excluded (press None: DynamicCache)."""
+    cache = DynamicCache() if press is None else CompressedCache(press)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    if press is None:
+        model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    else:
+        with press.attach(model):
+            model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="folder with SmolLM2's config.json")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", default="8192")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(args.config)
+    model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(args.dtype), attn_implementation="sdpa")
+    model = model.to(args.device).eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def prompt_of_length(length: int) -> torch.Tensor:
+        return torch.randint(0, config.vocab_size, (1, length), generator=generator).to(args.device)
+
+    presses = [get_press(name, budget, **params) for name, budget, params in PRESSES]
+    contexts = [int(c) for c in args.context.split(",")]
+
+    def report(run) -> None:
+        print(f"{run.context} tokens, {run.method}: {run.decode_ms_per_token:.2f} ms/token", flush=True)
+
+    rows = run_grid(model, prompt_of_length, presses, contexts, args.decode_tokens, args.repeats, on_run=report)
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {args.threads} threads"
+    result = {"device": device_name, "dtype": args.dtype, "rows": rows}
+    print(f"{device_name}, {args.dtype}")
+    print("| context | method | budget | ms/token | DynamicCache ms/token | speed-up | vs floor | cache ratio |")
+    for row in rows:
+        print(
+            f"| {row['context']} | {row['method']} | {row['budget']} | {row['decode_ms_per_token']:.2f} | "
+            f"{row['baseline_ms_per_token']:.2f} | {row['decode_speedup']:.2f}x | {row['vs_floor']:.2f} | "
+            f"{row['cache_ratio']:.3f} |"
+        )
+    if args.device == "cuda":
+        prompt = prompt_of_length(contexts[-1])
+        peaks = {"dynamic_cache": gpu_prefill_peak(model, None, prompt)}
+        peaks |= {press.label(): gpu_prefill_peak(model, press, prompt) for press in presses}
+        result["gpu_prefill_peak_bytes"] = peaks
+        for label, peak in peaks.items():
+            print(f"prefill peak GPU memory at {contexts[-1]} tokens, {label}: {peak / 2**20:.0f} MiB")
+    with open(args.out, "w") as file:
+        json.dump(result, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()

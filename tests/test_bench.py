@@ -49,6 +49,8 @@ def test_bench_cli_writes_json_and_refuses_contexts_past_the_model(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "bench.json").read_text())
     assert [row["context"] for row in record["rows"]] == [300] and record["rows"][0]["cache_ratio"] < 0.23
+    for figure in ("decode_vs_context", "speedup_vs_budget", "memory_vs_context"):
+        assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
     assert_fails(invoke("bench", "--context", "9000", "--out", tmp_path), "handles at most 8192 positions")
     assert_fails(invoke("bench", "--methods", "nope", "--out", tmp_path), "unknown method 'nope'")
 

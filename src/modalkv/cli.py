@@ -378,7 +378,11 @@ def bench(
     for row in rows:
         table.add_row(*(show(row) for _, show in columns))
     Console(width=160).print(table)
-    console.print(f"wrote {out / 'bench.json'}")
+    from modalkv.plots import bench_figures
+
+    for name, figure in bench_figures(rows, f"{model}, {dtype}, {torch.get_num_threads()} threads").items():
+        figure.savefig(out / f"{name}.png", dpi=120)
+    console.print(f"wrote {out / 'bench.json'} and the figures beside it")
 
 
 @app.command()

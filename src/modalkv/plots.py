@@ -38,3 +38,59 @@ def head_preference_figure(preference: list[list[float]], kept: list[list[int]],
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def bench_figures(rows: list[dict], title: str) -> dict[str, Figure]:
+    """The benchmark's pictures from `modalkv bench` rows (bench.json): decode ms/token vs context per method with the
+    uncompressed baseline and the short-context floor; speed-up over the baseline vs budget at the longest context;
+    KV-cache MiB (and prefill peak MiB when measured) vs context."""
+    plt = _pyplot()
+    cells: dict[str, list[dict]] = {}
+    for row in rows:
+        cells.setdefault(f"{row['method']} @ {row['budget']}", []).append(row)
+    contexts = sorted({row["context"] for row in rows})
+    figures = {}
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    baseline = {row["context"]: row["baseline_ms_per_token"] for row in rows}
+    floor = {row["context"]: row["floor_ms_per_token"] for row in rows}
+    axes.plot(contexts, [baseline[c] for c in contexts], "k-o", label="DynamicCache (uncompressed)")
+    axes.plot(contexts, [floor[c] for c in contexts], "k:", label="floor (256-token context)")
+    for label, cell in cells.items():
+        cell = sorted(cell, key=lambda r: r["context"])
+        axes.plot([r["context"] for r in cell], [r["decode_ms_per_token"] for r in cell], "-o", label=label)
+    axes.set(xlabel="context (tokens)", ylabel="decode ms/token", title=title)
+    axes.legend(fontsize=8)
+    figures["decode_vs_context"] = figure
+
+    longest = contexts[-1]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["context"] == longest:
+            by_method.setdefault(row["method"], []).append(row)
+    for method, cell in by_method.items():
+        cell = sorted(cell, key=lambda r: r["budget"])
+        axes.plot([r["budget"] for r in cell], [r["decode_speedup"] for r in cell], "-o", label=method)
+    axes.axhline(1.0, color="k", linestyle=":", linewidth=1)
+    axes.set(xlabel="budget", ylabel="decode speed-up over DynamicCache", title=f"{title}, {longest} tokens")
+    axes.legend(fontsize=8)
+    figures["speedup_vs_budget"] = figure
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    full = {row["context"]: row["full_cache_bytes"] / 2**20 for row in rows}
+    axes.plot(contexts, [full[c] for c in contexts], "k-o", label="uncompressed KV cache")
+    for label, cell in cells.items():
+        cell = sorted(cell, key=lambda r: r["context"])
+        axes.plot([r["context"] for r in cell], [r["cache_bytes"] / 2**20 for r in cell], "-o", label=f"{label} cache")
+        if "prefill_peak_mib" in cell[0]:
+            axes.plot([r["context"] for r in cell], [r["prefill_peak_mib"] for r in cell], "--", label=f"{label} peak")
+    if "baseline_prefill_peak_mib" in rows[0]:
+        peak = {row["context"]: row["baseline_prefill_peak_mib"] for row in rows}
+        axes.plot(contexts, [peak[c] for c in contexts], "k--", label="DynamicCache prefill peak")
+    axes.set(xlabel="context (tokens)", ylabel="MiB", title=f"{title}: memory")
+    axes.legend(fontsize=7)
+    figures["memory_vs_context"] = figure
+    for figure in figures.values():
+        figure.tight_layout()
+    return figures

@@ -120,3 +120,19 @@ def test_generate_end_to_end_with_a_modality_map(model, prompt, params):
     prefill_kept = sum(int(layer.kept_lengths().sum()) for layer in cache.layers) - 2 * 2 * 5
     if not params.get("literal_hcc"):
         assert prefill_kept == 2 * 2 * 12  # 2 layers x 2 KV heads x floor(0.25 * 48)
+
+
+@pytest.mark.parametrize("method", ["madakv", "snapkv", "tova", "pyramidkv", "retentivekv"])
+def test_a_padded_row_shorter_than_the_window_keeps_its_exact_budget(method):
+    """The window then holds padding queries, which see no key: their attention must count as zero, not NaN."""
+    is_real = torch.ones(2, 48, dtype=torch.bool)
+    is_real[0, :20] = False  # 28 real tokens, fewer than MadaKV's / SnapKV's window plus what they select
+    modality = torch.zeros(2, 48, dtype=torch.long)
+    modality[:, 25:36] = IMAGE
+    inputs = make_inputs(batch=2, seq=48, is_real=is_real, modality=modality)
+    press = get_press(method, 0.5, **({"hcc": False} if method == "madakv" else {}))
+    selection = press.select(inputs)
+    kept = selection.lengths if method != "pyramidkv" else selection.lengths.float().mean(-1, keepdim=True)
+    assert kept[0].tolist() == [14] * kept.shape[1] and kept[1].tolist() == [24] * kept.shape[1]
+    for b, h in [(0, 0), (0, 1)]:
+        assert all(is_real[b, i] for i in selection.indices[b, h, : selection.lengths[b, h]].tolist())

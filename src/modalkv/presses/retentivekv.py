@@ -129,7 +129,10 @@ class RetentiveKVPress(Press):
             inputs.patches = infer_patches(inputs.modality)
         seq = inputs.keys.shape[2]
         is_real = inputs.is_real
-        window = is_real & (torch.arange(seq, device=is_real.device) >= seq - self.window_size)
+        budget = torch.minimum(self.num_kept(inputs), is_real.sum(-1)[:, None])  # [B, H_kv], equal over heads
+        # The window is kept within the budget: a row whose budget is smaller keeps its most recent tokens only.
+        recent = budget[:, :1].clamp(max=self.window_size)
+        window = is_real & (torch.arange(seq, device=is_real.device) >= seq - recent)
         candidates = is_real & ~window
         logits = window_logits(inputs, self.window_size)  # [B, H_kv, G * w, S]
         log_mass = logits.logsumexp(dim=-1)  # [B, H_kv, G * w]
@@ -140,8 +143,7 @@ class RetentiveKVPress(Press):
         retention = self.attention_weight * max_normalised(alpha, candidates) + (
             1 - self.attention_weight
         ) * max_normalised(entropy, candidates)
-        kept = torch.minimum(self.num_kept(inputs), is_real.sum(-1)[:, None]) - window.sum(-1)[:, None]
-        keep = window[:, None] | top_within(retention, candidates, kept.clamp(min=0))
+        keep = window[:, None] | top_within(retention, candidates, budget - window.sum(-1)[:, None])
         evicted = candidates[:, None] & ~keep
         threshold = torch.nanquantile(retention.masked_fill(~evicted, float("nan")), self.absorb_quantile, dim=-1)
         absorbed = evicted & (retention >= threshold.nan_to_num(float("inf"))[..., None])

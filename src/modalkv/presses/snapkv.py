@@ -10,9 +10,9 @@ def window_attention(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
     """Softmax attention of the last `window_size` queries over all keys, per KV head.
 
     Returns [B, H_kv, G * w, S] float32 (the G query heads of each KV group stacked), causal within the window and
-    zero on padding.
+    zero on padding. A padding query (a left-padded row shorter than the window) sees no key: its row is all zero.
     """
-    return window_logits(inputs, window_size).softmax(dim=-1)
+    return window_logits(inputs, window_size).softmax(dim=-1).nan_to_num_(0.0)
 
 
 def window_logits(inputs: PrefillInputs, window_size: int) -> torch.Tensor:

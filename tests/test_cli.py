@@ -327,3 +327,19 @@ def test_prompt_longer_than_the_model(command: str, tmp_path: Path, tokenizer) -
     result = invoke(command, *dump, "--prompt-file", prompt_file, "--raw")
     assert_fails(result, "at most 8192 positions")
     assert not (tmp_path / "kept.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "retentivekv"])
+def test_generate_answers_from_images_with_the_mini_vlm(method: str) -> None:
+    from modalkv.vlm.images import PHOTOS
+
+    budget = "1.0" if method == "full" else "0.5"
+    args = ["--model", "mini-vlm", "--method", method, "--budget", budget, "--max-new-tokens", "8", "--json"]
+    result = invoke("generate", "--image", PHOTOS["cat"].path, "--prompt", "What is shown in the image?", *args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert PHOTOS["cat"].is_named_in(record["text"]), record["text"]
+    assert record["prompt_tokens"] > 49  # the image's 7 x 7 patches are in the prompt
+    if method == "retentivekv":
+        assert record["cache_bytes"] < 0.55 * record["full_cache_bytes"] and record["memory_bytes"] > 0

@@ -14,14 +14,13 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from transformers import ProcessorMixin
 
 from modalkv.cache import CompressedCache
 from modalkv.eval.cli import eval_command, report_command
 from modalkv.generation import encode_prompt, generate_timed
 from modalkv.modality import modality_from_input_ids
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
-from modalkv.multimodal import encode_multimodal
+from modalkv.multimodal import encode_multimodal, is_processor
 from modalkv.presses import PRESSES, Press, get_press
 from modalkv.presses.base import check_prompt_length
 
@@ -167,7 +166,7 @@ def generate(
         press = make_press(method, budget, param)
         with console.status(f"loading {model}"):
             lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-        if isinstance(tokenizer, ProcessorMixin):  # a vision-language model: its processor also gives the maps
+        if is_processor(tokenizer):  # a vision-language model: its processor also gives the maps
             inputs = encode_multimodal(lm, tokenizer, text, images, raw=raw)
             derived, tokenizer = inputs.pop("modality", None), tokenizer.tokenizer
             if modality is None:

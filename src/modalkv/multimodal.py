@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from modalkv.modality import (
     IMAGE,
@@ -156,3 +157,9 @@ def visual_runs(row: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) columns, end exclusive, of each maximal run of same-modality visual tokens in a [S] map."""
     changes = [*(row.diff(prepend=row.new_full((1,), TEXT)) != 0).nonzero().flatten().tolist(), len(row)]
     return [(start, end) for start, end in itertools.pairwise(changes) if row[start] != TEXT]
+
+
+def is_processor(processor: Any) -> bool:
+    """True for a vision-language model's processor (transformers' or modalkv's mini-VLM one: anything that wraps a
+    tokenizer), False for a tokenizer."""
+    return not isinstance(processor, PreTrainedTokenizerBase) and hasattr(processor, "tokenizer")

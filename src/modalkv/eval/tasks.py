@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from modalkv.generation import encode_prompt, generate_timed
+from modalkv.multimodal import is_processor
 from modalkv.presses import Press
 
 IMAGE_PLACEHOLDER = "<ImageHere>"  # where an image goes in `Example.prompt` (MileBench's own marker)
 IMAGE_STANDIN = "[image]"  # what a text-only model reads in place of each image
 
 # Tasks named in the plan whose module has not landed yet: asked for, they get this message instead of "unknown".
-PLANNED = {
-    "synthetic": "the synthetic multimodal suite is not available yet: it needs the offline mini-VLM (issue 5)",
-}
+PLANNED: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -106,12 +105,6 @@ class GenerationTask:
             decode_ms_per_token=result.decode_ms_per_token,
             image_input=image_input,
         )
-
-
-def is_processor(processor: Any) -> bool:
-    """True for a vision-language model's processor (transformers' or modalkv's mini-VLM one: anything that wraps a
-    tokenizer), False for a tokenizer."""
-    return not isinstance(processor, PreTrainedTokenizerBase) and hasattr(processor, "tokenizer")
 
 
 def tokenizer_of(processor: Any) -> Any:

@@ -177,8 +177,6 @@ def test_presses_of_a_grid():
 
 
 def test_task_names_and_options():
-    with pytest.raises(ValueError, match="synthetic multimodal suite is not available yet"):
-        build_task("synthetic", {})
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         build_task("nope", {})
     with pytest.raises(ValueError, match="no option 'size'"):
@@ -192,6 +190,6 @@ def test_task_names_and_options():
     assert build_task("passkey", {"lengths": "1024,8192"}).lengths == (1024, 8192)
 
 
-def test_unknown_synthetic_task_on_the_command_line(tmp_path):
-    result = CliRunner().invoke(cli.app, ["eval", "--out", str(tmp_path), "--tasks", "passkey,synthetic"])
-    assert result.exit_code == 2 and "not available yet" in result.stderr
+def test_synthetic_task_refuses_a_text_only_model(tiny, tmp_path):
+    result = CliRunner().invoke(cli.app, ["eval", "--model", str(tiny), "--out", str(tmp_path), "--tasks", "synthetic"])
+    assert result.exit_code == 2 and "--model mini-vlm" in result.stderr

@@ -400,6 +400,8 @@ def demo(
             get_press("streaming_llm", budget=ratio),
             get_press("snapkv", budget=ratio),
             get_press("snapkv", budget=ratio, pooling="max", kernel_size=7),
+            get_press("madakv", budget=ratio),
+            get_press("retentivekv", budget=ratio),
         ]
         with console.status(f"loading {model}"):
             lm, tokenizer = load_model(model)

@@ -112,14 +112,7 @@ def text_config(tokenizer) -> dict:
 def build_llava():
     tokenizer = smollm2_tokenizer(["<image>"])
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=CLIPVisionConfig(**VISION_MODEL),
         text_config=LlamaConfig(**text_config(tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,

@@ -81,8 +81,8 @@ def modalkv_attention(
     if layer.memory:
         output = press.read_memory(layer, query, output, weights, log_masses)
     if interval:
+        groups = query.shape[1] // layer.num_kv_heads
         for block, attention in zip(layer.blocks, weights, strict=True):
-            groups = query.shape[1] // layer.num_kv_heads
             view = DecodeView(layer, block, attention, layer.num_kv_heads, groups, layer.seen)
             press.observe(view)
             if int((block.lengths - block.limits).max()) >= interval:  # back to the budget

@@ -29,9 +29,9 @@ from modalkv.eval.tasks import (
     Example,
     Failure,
     GenerationTask,
-    is_processor,
     tokenizer_of,
 )
+from modalkv.multimodal import is_processor
 
 
 def build_prompt(

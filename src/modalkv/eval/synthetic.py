@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 
 from PIL import Image, ImageOps
 
-from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, GenerationTask, is_processor, tokenizer_of
+from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, GenerationTask, tokenizer_of
+from modalkv.multimodal import is_processor
 
 FAMILIES = ("deferred", "spatial", "distractor")
 # Asked-about photos: the ones the mini-VLM names alone with the full cache (helmet and tripod it does not).

@@ -196,13 +196,12 @@ class RetentiveKVPress(Press):
             log_retention += F.logsigmoid(torch.tensor(self.decay_bias))
         log_retention = log_retention * absorbed
         positions = torch.arange(seq, device=alpha.device).expand_as(alpha)
-        visual = torch.zeros_like(absorbed)
-        if self.num_states(inputs) == 2:
-            visual = (inputs.modality != TEXT)[:, None].expand_as(absorbed)
+        dual = self.num_states(inputs) == 2
+        visual = (inputs.modality != TEXT)[:, None].expand_as(absorbed) if dual else torch.zeros_like(absorbed)
         recall_weights = gated_weights(injection * (absorbed & ~visual), log_retention * ~visual, positions)
         states = {"recall": absorb(inputs.keys, inputs.values, recall_weights)}
         weights = recall_weights
-        if self.num_states(inputs) == 2:
+        if dual:
             visual_weights = self.visual_weights(inputs, alpha, keep, absorbed & visual, injection, log_retention)
             states["visual"] = absorb(inputs.keys, inputs.values, visual_weights)
             weights = weights + visual_weights
@@ -338,8 +337,8 @@ class RetentiveKVPress(Press):
             return entropy / block.lengths.clamp(min=2).float().log()[:, None]
         length = block.max_length
         stored = torch.arange(length, device=weights.device) < block.lengths[:, None]  # [n, L]
-        visual = self.visual_slots(layer, block, torch.arange(length, device=weights.device).expand_as(stored))
-        members = torch.where(((visual & stored).sum(-1, keepdim=True) >= 2), visual & stored, stored)[:, None]
+        visual = stored & self.visual_slots(layer, block, torch.arange(length, device=weights.device).expand_as(stored))
+        members = torch.where(visual.sum(-1, keepdim=True) >= 2, visual, stored)[:, None]
         p = weights * members
         p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
         return -torch.special.xlogy(p, p).sum(-1) / members.sum(-1).clamp(min=2).float().log()

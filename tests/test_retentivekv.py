@@ -36,7 +36,8 @@ def test_gated_weights_equal_the_recurrence_token_by_token():
     retention = 0.5 + 0.5 * torch.rand(seq, generator=gen)
     order = torch.randperm(seq, generator=gen)
     log_retention = retention.log() * (injection > 0)
-    state, norm = absorb(keys, values, gated_weights(injection, log_retention, order))
+    absorbed = absorb(keys, values, gated_weights(injection, log_retention, order))
+    state, norm = absorbed[:, :dim], absorbed[:, dim]
     ref_state, ref_norm = naive_recurrence(keys, values, injection, retention, order.argsort().tolist())
     assert torch.allclose(state.double(), ref_state, atol=1e-5, rtol=1e-5)
     assert torch.allclose(norm.double(), ref_norm, atol=1e-5, rtol=1e-5)
@@ -82,7 +83,7 @@ def test_visual_state_is_the_average_of_two_manhattan_weighted_scans():
         keys, values = inputs.keys[0, head], inputs.values[0, head]
         states = [naive_recurrence(keys, values, spatial, h, o.argsort().tolist()) for o in (by_rows, by_cols)]
         state = (states[0][0] + states[1][0]) / 2
-        assert torch.allclose(memory["visual_state"][head].double(), state, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(memory["visual"][head, :, :-1].double(), state, atol=1e-4, rtol=1e-4)
 
 
 def reference_scores(press, inputs, keep):
@@ -200,9 +201,9 @@ def test_tokens_leaving_while_decoding_join_the_recall_state_by_the_recurrence(m
     keys, values = block.keys[0, 3].clone(), block.values[0, 3].clone()
     press.release(DecodeView(layer, block, None, 2, 2, layer.seen), slots)
     h = 1 / (1 + math.exp(-press.decay_bias))
-    expected = h * before["recall_state"][0] + torch.outer(feature_map(keys), values)
-    assert torch.allclose(layer.memory["recall_state"][0], expected, atol=1e-5)
-    assert torch.equal(layer.memory["recall_state"][1], before["recall_state"][1])
+    expected = h * before["recall"][0] + torch.outer(feature_map(keys), torch.cat([values, torch.ones(1)]))
+    assert torch.allclose(layer.memory["recall"][0], expected, atol=1e-5)  # the last column: the normaliser
+    assert torch.equal(layer.memory["recall"][1], before["recall"][1])
 
 
 def test_images_get_a_visual_state_and_text_only_prompts_do_not(model, prompt):
@@ -212,13 +213,13 @@ def test_images_get_a_visual_state_and_text_only_prompts_do_not(model, prompt):
     with_images, text_only = CompressedCache(press, modality=modality), CompressedCache(press)
     press.generate(model, input_ids=prompt, past_key_values=with_images, max_new_tokens=5, do_sample=False)
     press.generate(model, input_ids=prompt, past_key_values=text_only, max_new_tokens=5, do_sample=False)
-    assert set(with_images.layers[0].memory) == {"recall_state", "recall_norm", "visual_state", "visual_norm", "scale"}
-    assert set(text_only.layers[0].memory) == {"recall_state", "recall_norm", "scale"}
+    assert set(with_images.layers[0].memory) == {"recall", "visual", "scale"}
+    assert set(text_only.layers[0].memory) == {"recall", "scale"}
     single = CompressedCache(get_press("retentivekv", budget=0.25, dual_state=False), modality=modality)
     get_press("retentivekv", budget=0.25, dual_state=False).generate(
         model, input_ids=prompt, past_key_values=single, max_new_tokens=5, do_sample=False
     )
-    assert "visual_state" not in single.layers[0].memory
+    assert "visual" not in single.layers[0].memory
 
 
 def test_counting_the_states_in_the_budget_keeps_fewer_tokens():

@@ -92,24 +92,38 @@ class RowBlock:
             [n, most] slot indices per row, highest first, -1 where a row loses fewer ([n, 0] when none is over).
         """
         excess = (self.lengths - self.limits).clamp(min=0) if self.limits is not None else self.lengths * 0
-        most = int(excess.max())
-        past_end = torch.arange(scores.shape[1], device=scores.device) >= self.lengths[:, None]
-        lowest = scores.masked_fill(past_end, float("inf")).topk(most, dim=-1, largest=False).indices
-        lowest = lowest.masked_fill(torch.arange(most, device=scores.device) >= excess[:, None], -1)
-        # Highest slot first: a swap never moves a token that is itself about to be removed.
-        return lowest.sort(dim=-1, descending=True).values
+        fewest, most = excess.aminmax()
+        fewest, most = int(fewest), int(most)
+        if self.min_length < self.max_length:  # rows end at different slots: what lies past a row's end never goes
+            past_end = torch.arange(scores.shape[1], device=scores.device) >= self.lengths[:, None]
+            scores = scores.masked_fill(past_end, float("inf"))
+        if most == 1:  # the steady state of decode-time eviction: one token in, one token out
+            lowest = scores.argmin(dim=-1, keepdim=True)
+        else:
+            lowest = scores.topk(most, dim=-1, largest=False).indices
+            # Highest slot first: a swap never moves a token that is itself about to be removed.
+            lowest = lowest.sort(dim=-1, descending=True).values
+        if fewest < most:
+            lowest = lowest.masked_fill(torch.arange(most, device=scores.device) >= excess[:, None], -1)
+            lowest = lowest.sort(dim=-1, descending=True).values  # -1 entries last, the rest still highest first
+        return lowest
 
     def remove(self, ordered: torch.Tensor) -> None:
-        """Removes slots [n, m] (per row highest first, -1 for none, as `over_limit` gives) by swapping in the last."""
-        index = torch.arange(len(self.rows), device=ordered.device)
+        """Removes slots [n, m] (per row highest first, -1 for none, as `over_limit` gives) by swapping in the last.
+
+        Each buffer is addressed as a flat [n * capacity, ...] table, so a move is one index_select and one
+        index_copy_ per buffer."""
+        offsets = torch.arange(len(self.rows), device=ordered.device) * self.capacity
         for j in range(ordered.shape[1]):
             evicting = ordered[:, j] >= 0
-            last = self.lengths - 1
-            target = torch.where(evicting, ordered[:, j], last)
+            last = offsets + self.lengths - 1
+            target = torch.where(evicting, offsets + ordered[:, j], last)
             for buffer in self.slots.values():
-                buffer[index, target] = buffer[index, last]
+                flat = buffer.view(-1, *buffer.shape[2:])
+                flat.index_copy_(0, target, flat.index_select(0, last))
             self.lengths -= evicting.long()
-        self.max_length, self.min_length = int(self.lengths.max()), int(self.lengths.min())
+        low, high = self.lengths.aminmax()
+        self.min_length, self.max_length = int(low), int(high)
 
     def take_rows(self, local: torch.Tensor, rows: torch.Tensor, covers_all_rows: bool) -> RowBlock:
         """A block made of this block's rows `local` (repeats allowed), renumbered as `rows`."""

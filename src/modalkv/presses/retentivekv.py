@@ -44,10 +44,16 @@ def gated_weights(injection: torch.Tensor, log_retention: torch.Tensor, order: t
     return injection * torch.empty_like(after).scatter_(-1, perm, after).exp()
 
 
-def absorb(keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The state sum_i w_i phi(k_i)^T v_i [..., D, D] and its normaliser sum_i w_i phi(k_i) [..., D]."""
+def with_one(values: torch.Tensor) -> torch.Tensor:
+    """[..., D + 1] float32 values with a constant 1 appended: its state column is the normaliser z."""
+    return F.pad(values.float(), (0, 1), value=1.0)
+
+
+def absorb(keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[..., D, D + 1]: the state sum_i w_i phi(k_i)^T v_i in the first D columns and its normaliser
+    z = sum_i w_i phi(k_i) in the last (the state of a constant value 1), so that one matmul reads both."""
     weighted = feature_map(keys) * weights[..., None]
-    return weighted.transpose(-1, -2) @ values.float(), weighted.sum(-2)
+    return weighted.transpose(-1, -2) @ with_one(values)
 
 
 @dataclass
@@ -207,9 +213,8 @@ class RetentiveKVPress(Press):
             weights = weights + visual_weights
         scale = self.calibration(inputs, weights, absorbed, probabilities, log_mass, asks)
         memory = {"scale": scale.reshape(batch * heads)}
-        for name, (state, norm) in states.items():
-            memory[f"{name}_state"] = state.reshape(batch * heads, dim, dim)
-            memory[f"{name}_norm"] = norm.reshape(batch * heads, dim)
+        for name, state in states.items():
+            memory[name] = state.reshape(batch * heads, dim, dim + 1)
         return memory
 
     def visual_weights(self, inputs, alpha, keep, absorbed, injection, log_retention) -> torch.Tensor:
@@ -273,21 +278,23 @@ class RetentiveKVPress(Press):
         memory, block = view.layer.memory, view.block
         if not memory:
             return
-        index = torch.arange(len(block.rows), device=slots.device)
         forget = 1 - 1 / (1 + math.exp(-self.decay_bias))
-        visual = self.visual_slots(view.layer, block, slots.clamp(min=0)) if "visual_state" in memory else None
+        visual = self.visual_slots(view.layer, block, slots.clamp(min=0)) if "visual" in memory else None
+        dim = block.keys.shape[-1]
+        keys, values = block.keys.view(-1, dim), block.values.view(-1, dim)  # flat [n * capacity, D] tables
+        offsets = torch.arange(len(block.rows), device=slots.device) * block.capacity
         for j in range(slots.shape[1]):
             leaving = (slots[:, j] >= 0).float()
-            slot = slots[:, j].clamp(min=0)
-            keys, values = block.keys[index, slot], block.values[index, slot].float()  # [n, D]
+            where = offsets + slots[:, j].clamp(min=0)
+            phi, value = feature_map(keys.index_select(0, where)), with_one(values.index_select(0, where))
             for name in ("recall", "visual") if visual is not None else ("recall",):
                 joins = leaving if visual is None else leaving * (visual[:, j] == (name == "visual"))
-                phi = feature_map(keys) * joins[:, None]
-                decay = 1 - forget * joins
-                state, norm = memory[f"{name}_state"], memory[f"{name}_norm"]
-                rows = slice(None) if block.covers_all_rows else block.rows
-                state[rows] = state[rows] * decay[:, None, None] + phi[:, :, None] * values[:, None, :]
-                norm[rows] = norm[rows] * decay[:, None] + phi
+                decay, injected = (1 - forget * joins)[:, None, None], (phi * joins[:, None])[:, :, None]
+                state = memory[name]
+                if block.covers_all_rows:
+                    state.mul_(decay).baddbmm_(injected, value[:, None, :])
+                else:
+                    state[block.rows] = torch.baddbmm(state[block.rows] * decay, injected, value[:, None, :])
 
     def visual_slots(self, layer: CompressedLayer, block: RowBlock, slots: torch.Tensor) -> torch.Tensor:
         """[n, m] bool: whether the tokens in `slots` [n, m] of `block` are image or video tokens of the prompt."""
@@ -306,12 +313,10 @@ class RetentiveKVPress(Press):
         batch, num_heads, q, dim = query.shape
         rows, groups = batch * layer.num_kv_heads, num_heads // layer.num_kv_heads
         memory = layer.memory
-        state, norm = memory["recall_state"], memory["recall_norm"]
-        if "visual_state" in memory:
-            state, norm = state + memory["visual_state"], norm + memory["visual_norm"]
+        state = memory["recall"] + memory["visual"] if "visual" in memory else memory["recall"]
         phi = feature_map(query.reshape(rows, groups * q, dim))
-        numerator = phi @ state  # [R, G * q, D]
-        denominator = (phi @ norm[..., None])[..., 0].clamp(min=1e-30)  # [R, G * q]
+        read = phi @ state  # [R, G * q, D + 1]: phi(q) S and phi(q) . z
+        numerator, denominator = read[..., :dim], read[..., dim].clamp(min=1e-30)
         if len(layer.blocks) == 1:  # one block holds every row, in order
             log_mass = log_masses[0].float()
             uncertainty = self.query_entropy(layer, layer.blocks[0], attention[0].float())

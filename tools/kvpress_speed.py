@@ -16,8 +16,9 @@ The prompt is the first `--context` tokens of the text (no special tokens, no ch
 - `kvpress_snapkv_hooked` (only with `--decode-in-press`): the same, but decoding inside `with press(model)`, as the
   kvpress README's `with press(model): model.generate(...)` does (every layer's hook runs on every step and returns).
 
-Timing as modalkv.bench.measure: `torch.set_num_threads(--threads)`, the prefill timed with its full logits, then
-`--decode-tokens` steps each timed alone; decode ms/token is the median over the steps after 2 warm-up steps.
+Timing as modalkv.bench.measure: `torch.set_num_threads(--threads)`, the prefill timed with the last position's
+logits only (`logits_to_keep=1`), then `--decode-tokens` steps each timed alone; decode ms/token is the median
+over the steps after 2 warm-up steps.
 `cache_bytes` is what the cache holds after decoding; `full_cache_bytes` what an uncompressed one would hold.
 Prints one JSON object per line.
 """
@@ -62,7 +63,7 @@ def measure(model, prompt: torch.Tensor, decode_tokens: int, press=None, decode_
     context = prompt.shape[1]
     with contextlib.nullcontext() if press is None else press(model):
         start = time.perf_counter()
-        logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]
+        logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         prefill = time.perf_counter() - start
     tokens, steps = [logits.argmax(-1)], []
     with press(model) if decode_in_press else contextlib.nullcontext():

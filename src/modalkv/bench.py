@@ -46,7 +46,8 @@ def measure(model: PreTrainedModel, press: Press | None, prompt: torch.Tensor, d
     with contextlib.nullcontext() if press is None else press.attach(model):
         synchronize()
         start = time.perf_counter()
-        logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]
+        # Only the last position's logits, as generate() asks: the full [S, vocab] logits would dominate prefill.
+        logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         synchronize()
         prefill = time.perf_counter() - start
         steps = []

@@ -2,13 +2,19 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from modalkv import cli, load_model
+from modalkv import CompressedCache, cli, get_press, load_model
 from modalkv.eval.passkey import passkey_example
+from modalkv.modality import IMAGE, TEXT
+from modalkv.multimodal import encode_multimodal
+from modalkv.vlm.images import PHOTOS, load_photo
 
 # click >= 8.2 always captures stderr apart: result.stdout holds only what the command prints (the JSON),
 # result.stderr the error messages, result.output both interleaved.
@@ -163,6 +169,7 @@ def test_inspect_snapkv_dump(snapkv_kept: dict) -> None:
     assert snapkv_kept["budget"] == 0.2
     n = snapkv_kept["prompt_tokens"]
     assert 550 <= n <= 650
+    assert snapkv_kept["modality"] == [TEXT] * n  # a text prompt: every token is text
     layers = snapkv_kept["layers"]
     assert len(layers) == 30
     for heads in layers:
@@ -343,3 +350,92 @@ def test_generate_answers_from_images_with_the_mini_vlm(method: str) -> None:
     assert record["prompt_tokens"] > 49  # the image's 7 x 7 patches are in the prompt
     if method == "retentivekv":
         assert record["cache_bytes"] < 0.55 * record["full_cache_bytes"] and record["memory_bytes"] > 0
+
+
+# ---------------------------------------------------------------- images: inspect and heads on the mini-VLM
+
+QUESTION = "What is shown in these images?"
+TWO_PHOTOS = ("cat", "coffee")
+COMPARE_KEPT = Path(__file__).resolve().parents[1] / "tools" / "compare_kept.py"
+
+
+def image_args(*names: str) -> list:
+    return [arg for name in names for arg in ("--image", PHOTOS[name].path)]
+
+
+@pytest.fixture(scope="module")
+def mini_vlm():
+    return _load_once("mini-vlm", dtype=torch.float32)  # the same memoised copy the commands load
+
+
+@pytest.fixture(scope="module")
+def photo_inputs(mini_vlm) -> dict:
+    """The two photos and the question through the library's own encoding (what `generate --image` gives)."""
+    model, processor = mini_vlm
+    return encode_multimodal(model, processor, QUESTION, [load_photo(name) for name in TWO_PHOTOS])
+
+
+@pytest.mark.slow
+def test_inspect_with_images_records_which_visual_and_text_tokens_are_kept(
+    tmp_path: Path, mini_vlm, photo_inputs
+) -> None:
+    out = tmp_path / "kept.json"
+    args = ["--model", "mini-vlm", *image_args(*TWO_PHOTOS), "--prompt", QUESTION, "--method", "madakv"]
+    result = invoke("inspect", "--dump-kept", out, *args, "--budget", "0.2")
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert set(record) == {"method", "budget", "prompt_tokens", "layers", "modality"}
+    tokens = record["prompt_tokens"]
+    assert tokens == photo_inputs["input_ids"].shape[1]  # the prompt generate --image encodes
+    assert record["modality"] == photo_inputs["modality"][0].tolist()
+    assert record["modality"].count(IMAGE) == 2 * 49 and record["modality"].count(TEXT) == tokens - 98
+    # The kept sets are the library's own choice on those inputs (images, maps and patch grids all passed).
+    model, _ = mini_vlm
+    press = get_press("madakv", budget=0.2)
+    cache = CompressedCache(press)
+    press.generate(model, **photo_inputs, past_key_values=cache, max_new_tokens=1)  # one new token: prefill only
+    assert record["layers"] == [layer[0] for layer in cache.kept_positions()]
+    heads = [head for layer in record["layers"] for head in layer]
+    assert sum(map(len, heads)) == 30 * 3 * int(0.2 * tokens)  # MadaKV keeps exactly the budget
+    kept_modality = [record["modality"][position] for head in heads for position in head]
+    assert 0 < kept_modality.count(IMAGE) < 30 * 3 * 98  # some image tokens kept, most evicted
+    assert kept_modality.count(TEXT) > 0
+    # generate --image encodes the same prompt
+    result = invoke("generate", *args, "--budget", "0.2", "--max-new-tokens", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt_tokens"] == tokens
+    # tools/compare_kept.py reads the new record, beside one in the old schema (tools/kvpress_reference.py's)
+    old_schema = tmp_path / "old.json"
+    old_schema.write_text(json.dumps({key: value for key, value in record.items() if key != "modality"}))
+    compared = subprocess.run(
+        [sys.executable, COMPARE_KEPT, out, old_schema, "--min-overlap", "1"], capture_output=True, text=True
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert "(layer, head) sets identical: 90/90" in compared.stdout
+
+
+@pytest.mark.slow
+def test_heads_with_images_draws_preferences_on_a_multimodal_prompt(tmp_path: Path, photo_inputs) -> None:
+    out = tmp_path / "heads.png"
+    result = invoke("heads", "--model", "mini-vlm", *image_args(*TWO_PHOTOS), "--prompt", QUESTION, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(out.with_suffix(".json").read_text())
+    tokens = record["prompt_tokens"]
+    assert tokens == photo_inputs["input_ids"].shape[1]
+    assert record["modality"] == photo_inputs["modality"][0].tolist()
+    assert len(record["visual_preference"]) == 30 and all(len(layer) == 3 for layer in record["visual_preference"])
+    assert all(0 < p < 1 for layer in record["visual_preference"] for p in layer)  # both modalities drew attention
+    assert sum(map(sum, record["kept_per_head"])) == 30 * 3 * int(0.2 * tokens)  # HCC keeps exactly the budget
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["generate", "inspect", "heads"])
+def test_images_need_a_vision_language_model_and_existing_files(command: str, tmp_path: Path) -> None:
+    output = {"inspect": ["--dump-kept", tmp_path / "kept.json"], "heads": ["--out", tmp_path / "heads.png"]}
+    args = [command, *output.get(command, []), "--prompt", "What is it?"]
+    result = invoke(*args, *image_args("cat"))  # the embedded SmolLM2
+    assert_fails(result, "smollm2-135m is a text-only model (it has no image processor)", "--image needs a vision")
+    result = invoke(*args, "--model", "mini-vlm", "--image", tmp_path / "absent.jpg")
+    assert_fails(result, "image file not found", "absent.jpg")
+    assert not list(tmp_path.iterdir())  # nothing written

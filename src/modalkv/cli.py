@@ -44,6 +44,9 @@ ParamOption = Annotated[
     list[str] | None,
     typer.Option("--param", "-p", help="method parameter KEY=VALUE (repeatable), e.g. pooling=max"),
 ]
+ImageOption = Annotated[
+    list[Path] | None, typer.Option(help="image file for a vision-language model (repeatable, in prompt order)")
+]
 
 
 def parse_budget(text: str) -> float | int:
@@ -121,18 +124,62 @@ def read_images(paths: list[Path] | None) -> list[Image.Image]:
     return images
 
 
-def prefill(model: str, dtype: str, press, text: str, raw: bool, modality: torch.Tensor | None):
-    """Loads `model`, runs the prompt's prefill through `press`; returns (compressed cache, prompt tokens)."""
+def load_and_encode(
+    model: str, dtype: str, text: str, images: list[Image.Image], raw: bool, modality: torch.Tensor | None
+):
+    """Loads `model` and encodes the prompt: the one path of `generate`, `inspect` and `heads`. A vision-language
+    model's processor takes the text and images (and gives the modality and patch maps), a tokenizer the text alone.
+    `modality` (the user's map) replaces the derived one; the patch grid is then inferred from it.
+
+    Returns:
+        (model, tokenizer for decoding, inputs, modality map or None): `inputs` holds `patches` when the processor
+        gave them, and never `modality`.
+
+    Raises:
+        ValueError: images given to a text-only model (and the processor's own errors).
+    """
     with console.status(f"loading {model}"):
         lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-    inputs = encode_prompt(tokenizer, text, raw=raw)
+    if is_processor(tokenizer):  # a vision-language model: its processor also gives the maps
+        inputs = encode_multimodal(lm, tokenizer, text, images, raw=raw)
+        derived, tokenizer = inputs.pop("modality", None), tokenizer.tokenizer
+        if modality is None:
+            modality = derived
+        else:
+            inputs.pop("patches", None)
+    elif images:
+        raise ValueError(
+            f"{model} is a text-only model (it has no image processor); --image needs a vision-language model"
+        )
+    else:
+        inputs = encode_prompt(tokenizer, text, raw=raw)
+        if modality is None:
+            modality = modality_from_input_ids(lm.config, inputs["input_ids"])
+    return lm, tokenizer, inputs, modality
+
+
+def prefill(
+    model: str,
+    dtype: str,
+    press,
+    text: str,
+    raw: bool,
+    modality: torch.Tensor | None,
+    images: list[Image.Image] | None = None,
+):
+    """Loads `model`, runs the prompt's prefill (with its images) through `press`; returns (compressed cache, prompt
+    tokens, modality map or None)."""
+    lm, _, inputs, modality = load_and_encode(model, dtype, text, images or [], raw, modality)
     check_prompt_length(lm, inputs["input_ids"].shape[1])
-    if modality is None:
-        modality = modality_from_input_ids(lm.config, inputs["input_ids"])
-    cache = CompressedCache(press, modality=modality)
-    with console.status("prefill"), press.attach(lm), torch.no_grad():
+    cache = CompressedCache(press, modality=modality, patches=inputs.pop("patches", None))
+    with console.status(f"prefill of {inputs['input_ids'].shape[1]} tokens"), press.attach(lm), torch.no_grad():
         lm(**inputs, past_key_values=cache, use_cache=True)
-    return cache, inputs["input_ids"].shape[1]
+    return cache, inputs["input_ids"].shape[1], modality
+
+
+def modality_codes(modality: torch.Tensor | None, prompt_tokens: int) -> list[int]:
+    """The prompt's modality code per token (0 text, 1 image, 2 video), all text without a map."""
+    return modality[0].tolist() if modality is not None else [0] * prompt_tokens
 
 
 def fail(error: Exception) -> typer.Exit:
@@ -153,9 +200,7 @@ def generate(
     dtype: DtypeOption = "float32",
     modality_file: ModalityOption = None,
     param: ParamOption = None,
-    image: Annotated[
-        list[Path] | None, typer.Option(help="image file for a vision-language model (repeatable, in prompt order)")
-    ] = None,
+    image: ImageOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Generate an answer with a compressed KV cache (from a text prompt, or images and a prompt)."""
@@ -164,21 +209,7 @@ def generate(
     images = read_images(image)
     try:
         press = make_press(method, budget, param)
-        with console.status(f"loading {model}"):
-            lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-        if is_processor(tokenizer):  # a vision-language model: its processor also gives the maps
-            inputs = encode_multimodal(lm, tokenizer, text, images, raw=raw)
-            derived, tokenizer = inputs.pop("modality", None), tokenizer.tokenizer
-            if modality is None:
-                modality = derived
-            else:  # the user's map replaces the derived one; the patch grid is then inferred from it
-                inputs.pop("patches", None)
-        elif images:
-            raise ValueError(
-                f"{model} is a text-only model (it has no image processor); --image needs a vision-language model"
-            )
-        else:
-            inputs = encode_prompt(tokenizer, text, raw=raw)
+        lm, tokenizer, inputs, modality = load_and_encode(model, dtype, text, images, raw, modality)
         with console.status(f"prefill of {inputs['input_ids'].shape[1]} tokens and decoding with {method}"):
             result = generate_timed(lm, tokenizer, press, inputs, max_new_tokens, min_new_tokens, modality)
     except ValueError as error:
@@ -201,13 +232,16 @@ def inspect(
     dtype: DtypeOption = "float32",
     modality_file: ModalityOption = None,
     param: ParamOption = None,
+    image: ImageOption = None,
 ) -> None:
-    """Run the prefill with a method and write the kept token positions of every layer and KV head."""
+    """Run the prefill with a method and write the kept token positions of every layer and KV head, with the
+    prompt's modality map (0 text, 1 image, 2 video per token)."""
     text = read_prompt(prompt, prompt_file)
     modality = read_modality(modality_file)
+    images = read_images(image)
     try:
         press = make_press(method, budget, param)
-        cache, prompt_tokens = prefill(model, dtype, press, text, raw, modality)
+        cache, prompt_tokens, modality = prefill(model, dtype, press, text, raw, modality, images)
     except ValueError as error:
         raise fail(error) from error
     record = {
@@ -215,6 +249,7 @@ def inspect(
         "budget": press.budget,
         "prompt_tokens": prompt_tokens,
         "layers": [layer[0] for layer in cache.kept_positions()],
+        "modality": modality_codes(modality, prompt_tokens),
     }
     dump_kept.write_text(json.dumps(record))
     kept = sum(len(head) for layer in record["layers"] for head in layer)
@@ -232,17 +267,19 @@ def heads(
     raw: RawOption = False,
     modality_file: ModalityOption = None,
     param: ParamOption = None,
+    image: ImageOption = None,
 ) -> None:
     """MadaKV's head preferences: visual share of each KV head's attention per layer, and per-layer budgets."""
     from modalkv.plots import head_preference_figure
 
     text = read_prompt(prompt, prompt_file)
     modality = read_modality(modality_file)
+    images = read_images(image)
     try:
         if method != "madakv":
             raise ValueError(f"heads draws MadaKV's modality preferences; got method {method!r}")
         press = make_press(method, budget, param)
-        cache, prompt_tokens = prefill(model, "float32", press, text, raw, modality)
+        cache, prompt_tokens, modality = prefill(model, "float32", press, text, raw, modality, images)
         stats = cache.press_state.get("heads")
         if not stats:
             raise ValueError("nothing was compressed (the budget keeps the whole prompt): no preferences to draw")
@@ -253,10 +290,13 @@ def heads(
             "prompt_tokens": prompt_tokens,
             "visual_preference": [stats[i][0][0].tolist() for i in layers],
             "kept_per_head": [stats[i][1][0].tolist() for i in layers],
+            "modality": modality_codes(modality, prompt_tokens),
         }
-        figure = head_preference_figure(
-            record["visual_preference"], record["kept_per_head"], f"{press.label()}, budget {press.budget}, {model}"
-        )
+        visual = sum(code != 0 for code in record["modality"])
+        title = f"{press.label()}, budget {press.budget}, {model}: {prompt_tokens} tokens, {visual} visual"
+        if images:
+            title += f" ({len(images)} image{'s' if len(images) > 1 else ''})"
+        figure = head_preference_figure(record["visual_preference"], record["kept_per_head"], title)
     except ValueError as error:
         raise fail(error) from error
     figure.savefig(out, dpi=120)

@@ -6,6 +6,10 @@ prompts, every number a ratio measured in the same run. On CUDA it also reports 
 method (the allocator's own peak, exact), next to transformers' DynamicCache.
 
     python tools/device_bench.py --config DIR --device cuda --dtype bfloat16 --context 8192 --out result.json
+
+`--profile METHOD` instead prefills one prompt with METHOD at budget 0.2 and prints torch.profiler's tables (by
+device time and by host time, with input shapes) over 5 decoding steps: the first thing to run when a method is
+slow on one device and not on another (MadaKV on the H100, docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -45,6 +49,30 @@ def gpu_prefill_peak(model, press, prompt: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+@torch.no_grad()
+def profile_decode(model, press, prompt: torch.Tensor, steps: int = 5) -> None:
+    """Prints where `steps` decoding steps after a compressed prefill spend host and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = CompressedCache(press)
+    with press.attach(model):
+        token = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+        for _ in range(3):  # warm-up: kernels chosen, buffers grown
+            token = model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.is_cuda else [])
+        with profile(activities=activities, record_shapes=True) as profiler:
+            for _ in range(steps):
+                token = model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
+            if prompt.is_cuda:
+                torch.cuda.synchronize()
+    blocks = [len(layer.blocks) for layer in cache.layers]
+    print(f"{press.label()}: {sum(blocks)} row blocks over {len(blocks)} layers; {steps} steps profiled")
+    averages = profiler.key_averages(group_by_input_shape=True)
+    if prompt.is_cuda:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="folder with SmolLM2's config.json")
@@ -54,8 +82,11 @@ def main() -> None:
     parser.add_argument("--context", default="8192")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="JSON file for the results (required unless --profile)")
+    parser.add_argument("--profile", metavar="METHOD", help="profile decoding with METHOD at 0.2 instead")
     args = parser.parse_args()
+    if not args.out and not args.profile:
+        parser.error("--out is required (or --profile METHOD)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(args.config)
@@ -66,8 +97,11 @@ def main() -> None:
     def prompt_of_length(length: int) -> torch.Tensor:
         return torch.randint(0, config.vocab_size, (1, length), generator=generator).to(args.device)
 
-    presses = [get_press(name, budget, **params) for name, budget, params in PRESSES]
     contexts = [int(c) for c in args.context.split(",")]
+    if args.profile:
+        profile_decode(model, get_press(args.profile, budget=0.2), prompt_of_length(contexts[-1]))
+        return
+    presses = [get_press(name, budget, **params) for name, budget, params in PRESSES]
 
     def report(run) -> None:
         print(f"{run.context} tokens, {run.method}: {run.decode_ms_per_token:.2f} ms/token", flush=True)

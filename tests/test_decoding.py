@@ -108,6 +108,52 @@ def test_h2o_adds_each_new_attention_and_evicts_the_lowest_outside_the_recent_wi
         block.slots["scores"][:, :7],
         kept["scores"].new_tensor([[5.0, 2.0, 3.0, 0.5, 2.0, 0.0, 0.0], [0.0, 4.0, 2.0, 3.0, 2.0, 0.0, 0.0]]),
     )
-    block.remove(block.over_limit(scores))  # 7 tokens, limit 4: the 3 lowest outside the recent window go
+    # 7 tokens, limit 4: the 3 lowest outside the recent window go
+    block.remove(block.over_limit(scores, *block.excess()))
     kept_columns = [sorted(block.columns[i, :4].tolist()) for i in range(2)]
     assert kept_columns == [[0, 2, 5, 6], [1, 3, 5, 6]]
+
+
+def ragged_block(lengths, limits, seed=0):
+    """A block of rows with the given lengths (columns 0..len-1 per row) and random distinct scores."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, longest = len(lengths), max(lengths)
+    keys = torch.randn(rows, longest, 4, generator=gen)
+    kept = {"keys": keys, "values": keys * 2, "columns": torch.arange(longest).repeat(rows, 1).int()}
+    kept["scores"] = torch.rand(rows, longest, generator=gen)
+    blocks = build_blocks(kept, torch.tensor(lengths), limits=torch.tensor(limits))
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "limits"),
+    [([9, 9, 9], [8, 8, 8]), ([9, 9, 9], [6, 6, 6]), ([10, 9, 8], [7, 9, 5]), ([10, 9, 8], [9, 8, 7])],
+)
+def test_removal_keeps_each_rows_highest_scores_within_its_limit(lengths, limits):
+    block = ragged_block(lengths, limits)
+    scores = block.slots["scores"][:, : block.max_length].clone()
+    fewest, most = block.excess()
+    overs = [max(0, n - k) for n, k in zip(lengths, limits, strict=True)]
+    assert (fewest, most) == (min(overs), max(overs))
+    expected = [
+        sorted(scores[i, : lengths[i]].topk(min(lengths[i], limits[i])).indices.tolist()) for i in range(len(lengths))
+    ]
+    block.remove(block.over_limit(scores, fewest, most), every_row=fewest == most)
+    assert block.lengths.tolist() == [min(n, k) for n, k in zip(lengths, limits, strict=True)]
+    assert (block.min_length, block.max_length) == (min(block.lengths.tolist()), max(block.lengths.tolist()))
+    for i in range(len(lengths)):  # every slot moved with its key, value and score; columns name the kept tokens
+        columns = block.columns[i, : block.lengths[i]].long()
+        assert sorted(columns.tolist()) == expected[i]
+        assert torch.equal(block.values[i, : block.lengths[i]], 2 * block.keys[i, : block.lengths[i]])
+        assert torch.equal(block.slots["scores"][i, : block.lengths[i]], scores[i, columns])
+
+
+def test_removal_from_every_row_takes_the_path_without_a_host_sync_and_agrees_with_the_general_one():
+    general, uniform = ragged_block([9, 9, 9], [7, 7, 7]), ragged_block([9, 9, 9], [7, 7, 7])
+    scores = general.slots["scores"][:, :9].clone()
+    general.remove(general.over_limit(scores, 2, 2), every_row=False)
+    uniform.remove(uniform.over_limit(scores, 2, 2), every_row=True)
+    for name in general.slots:
+        assert torch.equal(general.slots[name], uniform.slots[name])
+    assert (uniform.min_length, uniform.max_length) == (general.min_length, general.max_length) == (7, 7)

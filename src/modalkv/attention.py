@@ -85,10 +85,11 @@ def modalkv_attention(
         for block, attention in zip(layer.blocks, weights, strict=True):
             view = DecodeView(layer, block, attention, layer.num_kv_heads, groups, layer.seen)
             press.observe(view)
-            if int((block.lengths - block.limits).max()) >= interval:  # back to the budget
-                leaving = block.over_limit(press.decode_scores(view))
+            fewest, most = block.excess()
+            if most >= interval:  # back to the budget
+                leaving = block.over_limit(press.decode_scores(view), fewest, most)
                 press.release(view, leaving)
-                block.remove(leaving)
+                block.remove(leaving, every_row=fewest == most)
     return output, None
 
 

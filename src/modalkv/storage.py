@@ -82,18 +82,23 @@ class RowBlock:
         self.max_length += q
         self.min_length += q
 
-    def over_limit(self, scores: torch.Tensor) -> torch.Tensor:
+    def excess(self) -> tuple[int, int]:
+        """The fewest and the most tokens any row holds over its limit (one host sync; (0, 0) without limits)."""
+        if self.limits is None:
+            return 0, 0
+        fewest, most = torch.stack((self.lengths - self.limits).clamp(min=0).aminmax()).tolist()
+        return fewest, most
+
+    def over_limit(self, scores: torch.Tensor, fewest: int, most: int) -> torch.Tensor:
         """The slots each row must lose to get back to its limit: its lowest-scoring ones.
 
         Args:
             scores: [n, max_length] keep-scores per slot (slots beyond a row's length are ignored).
+            fewest, most: `excess()`, passed in so that the caller can skip scoring when no row is over.
 
         Returns:
-            [n, most] slot indices per row, highest first, -1 where a row loses fewer ([n, 0] when none is over).
+            [n, most] slot indices per row, highest first, -1 where a row loses fewer.
         """
-        excess = (self.lengths - self.limits).clamp(min=0) if self.limits is not None else self.lengths * 0
-        fewest, most = excess.aminmax()
-        fewest, most = int(fewest), int(most)
         if self.min_length < self.max_length:  # rows end at different slots: what lies past a row's end never goes
             past_end = torch.arange(scores.shape[1], device=scores.device) >= self.lengths[:, None]
             scores = scores.masked_fill(past_end, float("inf"))
@@ -104,26 +109,36 @@ class RowBlock:
             # Highest slot first: a swap never moves a token that is itself about to be removed.
             lowest = lowest.sort(dim=-1, descending=True).values
         if fewest < most:
+            excess = (self.lengths - self.limits).clamp(min=0)
             lowest = lowest.masked_fill(torch.arange(most, device=scores.device) >= excess[:, None], -1)
             lowest = lowest.sort(dim=-1, descending=True).values  # -1 entries last, the rest still highest first
         return lowest
 
-    def remove(self, ordered: torch.Tensor) -> None:
+    def remove(self, ordered: torch.Tensor, every_row: bool = False) -> None:
         """Removes slots [n, m] (per row highest first, -1 for none, as `over_limit` gives) by swapping in the last.
 
         Each buffer is addressed as a flat [n * capacity, ...] table, so a move is one index_select and one
-        index_copy_ per buffer."""
+        index_copy_ per buffer. `every_row`: no -1 entries (every row loses m slots), so the lengths shift without
+        a host sync."""
         offsets = torch.arange(len(self.rows), device=ordered.device) * self.capacity
         for j in range(ordered.shape[1]):
-            evicting = ordered[:, j] >= 0
             last = offsets + self.lengths - 1
-            target = torch.where(evicting, offsets + ordered[:, j], last)
+            if every_row:
+                target = offsets + ordered[:, j]
+                self.lengths -= 1
+            else:
+                evicting = ordered[:, j] >= 0
+                target = torch.where(evicting, offsets + ordered[:, j], last)
+                self.lengths -= evicting.long()
             for buffer in self.slots.values():
                 flat = buffer.view(-1, *buffer.shape[2:])
                 flat.index_copy_(0, target, flat.index_select(0, last))
-            self.lengths -= evicting.long()
-        low, high = self.lengths.aminmax()
-        self.min_length, self.max_length = int(low), int(high)
+        if every_row:
+            self.min_length -= ordered.shape[1]
+            self.max_length -= ordered.shape[1]
+        else:
+            low, high = self.lengths.aminmax()
+            self.min_length, self.max_length = int(low), int(high)
 
     def take_rows(self, local: torch.Tensor, rows: torch.Tensor, covers_all_rows: bool) -> RowBlock:
         """A block made of this block's rows `local` (repeats allowed), renumbered as `rows`."""

@@ -1,7 +1,9 @@
 """Real VLM architectures of transformers (Llava, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM) through their own
 processors, as tiny randomly initialised models (no weights can be downloaded here) with SmolLM2's real tokenizer.
 
-Video processors need torchvision, which is not installed: the Qwen and SmolVLM processors are built for images only.
+Video processors need torchvision, which is not installed: the Qwen and SmolVLM processors are built for images only,
+and Qwen videos are laid out by hand as its processor would lay them out (`qwen_inputs`, checked against the processor
+on images).
 """
 
 import json
@@ -40,7 +42,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 from typer.testing import CliRunner
 
 from modalkv import CompressedCache, cli, get_press, load_model
-from modalkv.modality import IMAGE, TEXT
+from modalkv.modality import IMAGE, TEXT, VIDEO
 from modalkv.models import embedded_model_path
 from modalkv.multimodal import encode_multimodal, multimodal_inputs
 from modalkv.presses import PRESSES
@@ -306,7 +308,16 @@ def test_decoding_after_eviction_equals_a_cache_holding_exactly_the_kept_tokens(
     """Positions stay right after eviction (Qwen's 3-D rope included): the compressed cache, which reports the
     logical length, decodes exactly like a DynamicCache holding only the kept tokens, fed the true positions."""
     name, model, processor = arch
-    inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
+    assert_decoding_matches_the_kept_tokens(name, model, encode_multimodal(model, processor, PROMPT, IMAGES))
+
+
+def rope_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen's 3-D rope positions [3, B, S] of a prompt (and its rope deltas), as its forward computes them."""
+    keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+    return model.model.get_rope_index(inputs["input_ids"], **{key: inputs[key] for key in keys if key in inputs})
+
+
+def assert_decoding_matches_the_kept_tokens(name: str, model, inputs: dict) -> None:
     plain = {k: v for k, v in inputs.items() if k not in ("modality", "patches")}
     seq = inputs["input_ids"].shape[1]
     press = get_press("streaming_llm", budget=0.5, evict_every=0)  # the same tokens in every layer and head
@@ -317,12 +328,7 @@ def test_decoding_after_eviction_equals_a_cache_holding_exactly_the_kept_tokens(
             ours = model(**plain, past_key_values=cache, use_cache=True).logits[:, -1]
         theirs = model(**plain, past_key_values=full, use_cache=True).logits[:, -1]
         if name.startswith("qwen"):  # the next text position after the prompt's 3-D positions
-            positions, _ = model.model.get_rope_index(
-                inputs["input_ids"],
-                mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=inputs["attention_mask"],
-            )
+            positions, _ = rope_positions(model, inputs)
             next_position = int(positions.max()) + 1
         else:
             next_position = seq
@@ -341,6 +347,157 @@ def test_decoding_after_eviction_equals_a_cache_holding_exactly_the_kept_tokens(
             theirs = model(input_ids=token, past_key_values=reference, position_ids=position, use_cache=True).logits
             torch.testing.assert_close(ours, theirs[:, -1], rtol=1e-5, atol=1e-5, msg=f"step {step}")
     assert cache.get_seq_length() == seq + 4
+
+
+# ---------------------------------------------------------------- video (Qwen2-VL, Qwen2.5-VL)
+#
+# A video of (t, h, w) patches, as Qwen's video processor would give it: `video_grid_thw` row [t, h, w] (t temporal
+# patches of `temporal_patch_size` frames, h x w patches of `patch_size` px each), `pixel_values_videos` with one row
+# of C * temporal_patch_size * patch_size^2 values per patch (t * h * w rows, in the vision tower's merge order), and
+# t * h * w / m^2 video tokens in the text between <|vision_start|> and <|vision_end|> (m = spatial_merge_size).
+# Patch-map numbering (modalkv.multimodal): each temporal patch of a video is its own grid of (h / m) x (w / m)
+# tokens, so a video adds t entries to the row's image index, after the images (and frames) before it.
+
+QWEN = ["qwen2_vl", "qwen2_5_vl"]
+VIDEO_ROWS = [  # per prompt: visual items in order, then the question
+    ([("video", (3, 4, 6))], "Describe the video."),  # 3 frames of 2 x 3 tokens
+    ([("image", IMAGES[0]), ("video", (2, 6, 4))], "Compare the picture with the clip, frame by frame."),
+]
+# Grids per row, in patch-map order: row 0's three frames; row 1's image (56 x 84 px: 2 x 3), then its two frames.
+VIDEO_GRIDS = [[(2, 3)] * 3, [(2, 3), (3, 2), (3, 2)]]
+
+
+@pytest.fixture(params=QWEN)
+def qwen(request, built):
+    if request.param not in built:
+        built[request.param] = build(request.param)
+    model, processor = built[request.param]
+    return request.param, model, processor
+
+
+def qwen_inputs(model, processor, rows: list, seed: int = 0) -> dict:
+    """A left-padded batch of Qwen prompts with images and hand-made videos, as Qwen's processor lays them out:
+    `rows` lists each prompt's visual items in order (("image", PIL image) or ("video", (t, h, w) patches)) and its
+    question, in QWEN_TEMPLATE's form; the video pixels are random (seeded)."""
+    vision, config = model.config.vision_config, model.config
+    merge = vision.spatial_merge_size
+    generator = torch.Generator().manual_seed(seed)
+    patch_values = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    texts, images, videos, video_grids = [], [], [], []
+    for items, question in rows:
+        placeholders = []
+        for kind, item in items:
+            if kind == "image":
+                images.append(item)
+                grid = processor.image_processor(images=[item], return_tensors="pt")["image_grid_thw"][0]
+                placeholders.append("<|image_pad|>" * (int(grid.prod()) // merge**2))
+            else:
+                frames, height, width = item
+                videos.append(torch.randn(frames * height * width, patch_values, generator=generator))
+                video_grids.append(list(item))
+                placeholders.append("<|video_pad|>" * (frames * height * width // merge**2))
+        vision_text = "".join(f"<|vision_start|>{tokens}<|vision_end|>" for tokens in placeholders)
+        texts.append(f"<|im_start|>user\n{vision_text}{question}<|im_end|>\n<|im_start|>assistant\n")
+    inputs = dict(processor.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt"))
+    ids = inputs["input_ids"]
+    inputs["mm_token_type_ids"] = torch.where(
+        ids == config.image_token_id, 1, torch.where(ids == config.video_token_id, 2, 0)
+    )
+    if images:
+        inputs.update(processor.image_processor(images=images, return_tensors="pt"))
+    if videos:
+        inputs["pixel_values_videos"] = torch.cat(videos)
+        inputs["video_grid_thw"] = torch.tensor(video_grids)
+        if isinstance(model, Qwen2_5_VLForConditionalGeneration):  # seconds per temporal patch, sampled at 4 fps
+            inputs["second_per_grid_ts"] = torch.full((len(videos),), vision.temporal_patch_size / 4)
+    return multimodal_inputs(model, inputs)
+
+
+def test_the_hand_layout_is_the_processors_on_images(qwen):
+    """`qwen_inputs` lays out images exactly as Qwen's processor does (the template, the placeholder count, the pixels,
+    the token types), so its videos follow the processor's layout too."""
+    _, model, processor = qwen
+    by_hand = qwen_inputs(model, processor, [([("image", IMAGES[0]), ("image", IMAGES[1])], PROMPT)])
+    expected = encode_multimodal(model, processor, PROMPT, IMAGES)
+    assert set(by_hand) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(by_hand[key], value), key
+
+
+def grids_of(patches: torch.Tensor) -> list[tuple[int, int]]:
+    """(rows, columns) of each grid of a [S, 3] patch map, in image-index order, each checked to be row-major."""
+    visual = patches[patches[:, 0] >= 0]
+    assert torch.equal(visual[:, 0].unique_consecutive(), torch.arange(int(visual[:, 0].max()) + 1))
+    grids = []
+    for index in visual[:, 0].unique_consecutive().tolist():
+        cells = visual[visual[:, 0] == index, 1:]
+        rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        assert torch.equal(cells, grid), f"grid {index} is not laid out row-major"
+        grids.append((rows, cols))
+    return grids
+
+
+def test_video_tokens_are_marked_video_with_one_grid_per_frame(qwen):
+    _, model, processor = qwen
+    inputs = qwen_inputs(model, processor, VIDEO_ROWS)
+    ids, modality = inputs["input_ids"], inputs["modality"]
+    assert torch.equal(modality == VIDEO, ids == model.config.video_token_id)
+    assert torch.equal(modality == IMAGE, ids == model.config.image_token_id)
+    assert torch.equal(modality, inputs["mm_token_type_ids"])  # Qwen's own map: 0 text, 1 image, 2 video
+    assert (modality == VIDEO).sum(-1).tolist() == [18, 12] and (modality == IMAGE).sum(-1).tolist() == [0, 6]
+    assert [grids_of(row) for row in inputs["patches"]] == VIDEO_GRIDS
+    # The numbering is the model's own layout: per frame its temporal rope position is one value, rising frame by
+    # frame, and its height / width positions are the patch map's rows / columns (plus the frame's start).
+    positions, _ = rope_positions(model, inputs)
+    for row in range(len(ids)):
+        video = modality[row] == VIDEO
+        frames = inputs["patches"][row, video, 0]
+        temporal, height, width = positions[:, row, video]
+        starts = [int(temporal[frames == frame].unique()) for frame in frames.unique().tolist()]
+        assert starts == sorted(set(starts)), "one temporal position per frame, rising"
+        assert torch.equal(height - height.min(), inputs["patches"][row, video, 1])
+        assert torch.equal(width - width.min(), inputs["patches"][row, video, 2])
+
+
+def test_video_at_budget_one_equals_uncompressed_generation(qwen):
+    _, model, processor = qwen
+    inputs = qwen_inputs(model, processor, VIDEO_ROWS[1:])  # an image and a video
+    reference = generate(model, inputs, None)
+    other_video = generate(model, {**inputs, "pixel_values_videos": -inputs["pixel_values_videos"]}, None)
+    assert not torch.allclose(other_video.logits[0], reference.logits[0], atol=1e-3)  # the video is read
+    for method in METHODS:
+        output = generate(model, inputs, method, budget=1.0)
+        assert torch.equal(output.sequences, reference.sequences), method
+        for ours, theirs in zip(output.logits, reference.logits, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=method)
+
+
+@pytest.mark.parametrize("method", ["madakv", "retentivekv", "snapkv"])
+def test_video_generation_after_eviction_keeps_exactly_the_budget(qwen, method):
+    _, model, processor = qwen
+    inputs = qwen_inputs(model, processor, VIDEO_ROWS)
+    assert bool((inputs["attention_mask"][:, 0] == 0).any()), "the batch should be left-padded"
+    real = inputs["attention_mask"].sum(-1)
+    cache = CompressedCache(get_press(method, budget=0.3))
+    output = generate(model, {**inputs, "past_key_values": cache}, method, budget=0.3, tokens=5)
+    assert output.sequences.shape == (2, inputs["input_ids"].shape[1] + 5)
+    assert all(torch.isfinite(step).all() for step in output.logits)
+    grown = 0 if method == "retentivekv" else 4  # retentivekv evicts while decoding (into its memories)
+    kept = torch.stack([layer.kept_lengths() for layer in cache.layers]).float().mean((0, 2))  # per row
+    assert torch.equal(kept, (real.double() * 0.3).floor().float() + grown)
+    video = (inputs["modality"] == VIDEO).tolist()
+    for row, layers in enumerate(zip(*(layer.kept_columns() for layer in cache.layers), strict=True)):
+        kept_video = [sum(video[row][p] for p in head if p < len(video[row])) for layer in layers for head in layer]
+        assert max(kept_video) < sum(video[row]), "every head evicts some video tokens"
+    if method == "retentivekv":  # video patches were absorbed into the visual state
+        assert cache.layers[0].memory["visual"][..., -1].abs().sum() > 0  # the normaliser column
+
+
+def test_video_decoding_after_eviction_equals_a_cache_holding_exactly_the_kept_tokens(qwen):
+    """Qwen2.5-VL spaces a video's temporal positions by tokens_per_second: the next position comes from the rope."""
+    name, model, processor = qwen
+    assert_decoding_matches_the_kept_tokens(name, model, qwen_inputs(model, processor, VIDEO_ROWS[1:]))
 
 
 def test_images_without_image_tokens_ask_for_an_explicit_modality_map(built):

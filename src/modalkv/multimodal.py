@@ -9,7 +9,10 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
 - patch grids, by architecture:
   - `image_grid_thw` / `video_grid_thw` (Qwen2-VL, Qwen2.5-VL): an image of (t, h, w) patches becomes
     (h / m) x (w / m) tokens after the spatial merge m (`vision_config.spatial_merge_size`); a video gives t grids,
-    one per temporal patch.
+    one per temporal patch (t = frames / temporal_patch_size). Its tokens are frame-major, each frame row-major (as
+    Qwen's 3-D rope places them), and each frame is its own entry of the patch map's image index, which counts grids
+    in prompt order within the row: an image followed by a video of t = 2 gives index 0 (the image), 1 and 2 (the
+    frames).
   - tiled images (Idefics3, SmolVLM: `config.scale_factor`): every run of image tokens is one square grid of side
     image_size / patch_size / scale_factor. An image split into r x c tiles gives r * c + 1 grids: its tiles in
     row-major order, then its downscaled global view. So on these models the patch map's "image index" counts grids

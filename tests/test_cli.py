@@ -220,7 +220,7 @@ def test_heads_draws_madakv_preferences_and_saves_the_numbers(tmp_path: Path, to
     tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
     modality = tmp_path / "modality.json"
     modality.write_text(json.dumps([1 if 50 <= i < 250 else 0 for i in range(tokens)]))
-    out = tmp_path / "heads.png"
+    out = tmp_path / "figures" / "heads.png"  # a folder that does not exist yet
     result = invoke("heads", "--prompt-file", prompt, "--raw", "--modality-file", modality, "--out", out)
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -251,6 +251,7 @@ def inspect(
         "layers": [layer[0] for layer in cache.kept_positions()],
         "modality": modality_codes(modality, prompt_tokens),
     }
+    dump_kept.parent.mkdir(parents=True, exist_ok=True)
     dump_kept.write_text(json.dumps(record))
     kept = sum(len(head) for layer in record["layers"] for head in layer)
     console.print(f"wrote {dump_kept}: {kept} kept (layer, head, token) entries, {len(record['layers'])} layers")
@@ -299,6 +300,7 @@ def heads(
         figure = head_preference_figure(record["visual_preference"], record["kept_per_head"], title)
     except ValueError as error:
         raise fail(error) from error
+    out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
     out.with_suffix(".json").write_text(json.dumps(record))
     console.print(f"wrote {out} and {out.with_suffix('.json')}")

@@ -1,50 +1,78 @@
 """The synthetic multimodal long-context suite: `--tasks synthetic`, generated from a seed for the mini-VLM.
 
-Each example is a run of pictures, crops and mirror images of one distractor photo with one other picture among
-them, and the question "What is shown in image k?" about that one; the answer is correct when it names its photo
-(`Photo.is_named_in`). The prompt holds about `tokens` tokens, so the number of pictures follows from the
-processor's patches per image. Three columns:
+Each example is a run of pictures: exactly one shows a photo that is one of `choices` answer options (photo names
+such as "cat", "camera"); every other picture is a crop or mirror image of a photo that is NOT among the options. The
+question is "Which object is in these pictures?", and the answer is the option with the highest log-likelihood, not a
+generated text: the prompt is prefilled once through the method's press (compressed exactly as for generation), the
+answer prefix "The object is a" and then each option are fed as decode-phase tokens through that cache (the options
+come after the compressed prompt, so every option sees the same compression), and the option's log-likelihood minus
+its log-likelihood after the question with no pictures (the language model's prior for that word, the same for every
+method) picks the answer. Score 1.0 when that is the shown photo's name: chance is 1 / `choices` (1/4 by default).
+The record's `margin` metric is the shown photo's calibrated log-likelihood minus the best other option's, in nats
+(> 0 exactly when the answer is right; it moves before the accuracy does).
 
-- `synthetic/deferred`: the asked-about photo is image 1, read first and followed by every distractor, so it drew
-  little attention when read; only the question at the end needs it.
-- `synthetic/spatial`: the asked-about photo covers 4 x 4 adjacent patches of a grey 7 x 7 canvas, at a random
-  place and a random position in the run: the answer lives in that one region.
-- `synthetic/distractor`: the asked-about photo at a random position after the first, among the distractor's crops.
+The prompt holds about `tokens` tokens, so the number of pictures follows from the processor's patches per image.
+Three columns:
 
-No filler text: with any between or before the pictures, the 135M language model retells the text instead of the
-picture (measured while making the suite), and it cannot pick a picture by its content ("one of the images is
-different: what does it show?"), only by number (docs/mini-vlm.md). Derived images (crops, canvases) are written
-once as PNG files under `modalkv.models.cache_dir() / "synthetic"`.
+- `synthetic/deferred`: the answer photo is image 1, read first and followed by every distractor, so it drew little
+  attention when read; only the question at the end needs it.
+- `synthetic/spatial`: the answer photo covers 4 x 4 adjacent patches of a grey 7 x 7 canvas, at a random place and
+  a random position in the run: the answer lives in that one region of one picture.
+- `synthetic/distractor`: the answer photo at a random position after the first, among the distractor pictures.
+
+Why this form (measured with the full cache while making the suite, docs/mini-vlm.md): the 135M language model
+cannot pick a picture by number nor retell image k, and free answers about several pictures mostly describe another
+one; listing the options in the question makes it repeat the first listed option; with filler text it retells the
+text. Which of a few names fits the pictures best it can tell. Derived images (crops, canvases) are written once as PNG
+files under `modalkv.models.cache_dir() / "synthetic"`.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
+from transformers import PreTrainedModel
 
-from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, GenerationTask, tokenizer_of
+from modalkv.cache import CompressedCache
+from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, Outcome, encode_example, tokenizer_of
 from modalkv.multimodal import is_processor
+from modalkv.presses import Press
+from modalkv.presses.base import check_prompt_length
+from modalkv.presses.full import FullPress
 
 FAMILIES = ("deferred", "spatial", "distractor")
-# Asked-about photos: the ones the mini-VLM names alone with the full cache (helmet and tripod it does not).
-TARGETS = ("cat", "coffee", "rocket", "space_shuttle")
-CONFUSED = {frozenset({"rocket", "space_shuttle"})}  # the tower reads both as rockets: never paired
+# The option naming each photo: one word, one token of SmolLM2's vocabulary with its leading space.
+ANSWERS = {
+    "cat": "cat",
+    "coffee": "coffee",
+    "rocket": "rocket",
+    "space_shuttle": "shuttle",
+    "helmet": "helmet",
+    "tripod": "camera",
+}
+CONFUSED = {frozenset({"rocket", "space_shuttle"})}  # the tower reads both as rockets: never both options or in view
+QUESTION = "Which object is in these pictures?"
+ANSWER_PREFIX = "The object is a"  # fed after the compressed prompt, before each option
 _TEMPLATE_TOKENS = 30  # the chat template around the user turn
 _LABEL_TOKENS = 6  # "Image N: " and a newline the chat template writes around each image
 
 
 @dataclass(frozen=True)
 class Layout:
-    """One example before tokenisation: text pieces around the images, and which photo is the answer."""
+    """One example before tokenisation: the pictures, the options and which photo is the answer."""
 
     images: list[Path]
-    target: str  # the odd photo (a key of PHOTOS)
-    distractor: str
-    target_index: int  # which of `images` holds the odd photo
+    target: str  # the photo shown (a key of PHOTOS), the one option that is right
+    options: list[str]  # photo keys, in the order offered; the others are not in any picture
+    target_index: int  # which of `images` shows the target
+    distractors: list[str]  # the photo each other picture is cut from, in picture order
 
 
 def _photos() -> dict:
@@ -87,13 +115,21 @@ def region(target: str, cells: int, row: int, col: int, grid: int = 7, cell: int
     return _saved(image, f"region-{target}-{cells}-{row}-{col}-{grid}x{cell}")
 
 
-def layout(family: str, rng: random.Random, num_images: int) -> Layout:
-    """The pictures of one example and which of them the question asks about (see the module docstring)."""
-    photos = _photos()
-    target = rng.choice(TARGETS)
-    distractor = rng.choice([p for p in photos if p != target and frozenset({p, target}) not in CONFUSED])
+def _confused(a: str, b: str) -> bool:
+    return frozenset({a, b}) in CONFUSED
+
+
+def layout(family: str, rng: random.Random, num_images: int, choices: int = 4) -> Layout:
+    """The pictures of one example, its options and its answer (see the module docstring)."""
+    photos = sorted(_photos())
+    target = rng.choice(photos)
+    while True:  # options: the target and choices - 1 others, no two of them confusable
+        options = [target, *rng.sample([p for p in photos if p != target], choices - 1)]
+        if not any(_confused(a, b) for a in options for b in options):
+            break
+    pool = [p for p in photos if p not in options and not any(_confused(p, o) for o in options)]
     if family == "deferred":
-        index, image = 0, photos[target].path
+        index, image = 0, _photos()[target].path
     elif family == "spatial":
         cells = 4
         index, image = (
@@ -101,26 +137,102 @@ def layout(family: str, rng: random.Random, num_images: int) -> Layout:
             region(target, cells, rng.randrange(8 - cells), rng.randrange(8 - cells)),
         )
     elif family == "distractor":
-        index, image = rng.randrange(1, num_images), photos[target].path
+        index, image = rng.randrange(1, num_images), _photos()[target].path
     else:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    images = [image if i == index else variant(distractor, rng) for i in range(num_images)]
-    return Layout(images, target, distractor, index)
+    distractors = [rng.choice(pool) for _ in range(num_images - 1)]
+    others = iter(distractors)
+    images = [image if i == index else variant(next(others), rng) for i in range(num_images)]
+    rng.shuffle(options)
+    return Layout(images, target, options, index, distractors)
 
 
-QUESTION = "What is shown in image {number}?"
+# -- likelihood scoring through a compressed cache -------------------------------------------------------------------
 
 
 @dataclass
-class SyntheticTask(GenerationTask):
-    """`--tasks synthetic`: `samples` examples per family, each about `tokens` prompt tokens, from `seed`."""
+class OptionScores:
+    """What `option_log_likelihoods` measured."""
 
-    tokens: int = 512  # prompt tokens, images included
-    samples: int = 6  # per family
+    log_likelihoods: torch.Tensor  # [n] float32, one per option: sum of the option tokens' log-probabilities
+    prompt_tokens: int
+    cache_bytes: int  # after the prompt and the shared prefix, before the options (one copy)
+    full_cache_bytes: int
+    prefill_seconds: float
+
+
+@torch.no_grad()
+def option_log_likelihoods(
+    model: PreTrainedModel,
+    press: Press,
+    inputs: dict[str, torch.Tensor],
+    prefix: list[int],
+    options: list[list[int]],
+    modality: torch.Tensor | None = None,
+) -> OptionScores:
+    """The log-likelihood of each option's tokens after the prompt and `prefix`, under the cache `press` makes.
+
+    The prompt (`inputs`: one row, the model's keyword inputs, with `patches` if the processor gave them) is
+    prefilled once through the press, as `generate` would; `prefix` (token ids shared by every option, e.g. "The
+    answer is") follows as one decode-phase forward; then the cache is copied once per option (batch rows) and every
+    option is fed in one forward, right-padded (causal attention: a padding token never affects an earlier one).
+    Options are decode-phase tokens, so the prompt's compression is the same for each. The first option token is
+    read from the forward before it, so single-token options need no forward of their own.
+    """
+    if not options or any(not option for option in options):
+        raise ValueError("give at least one option, each of at least one token")
+    inputs = dict(inputs)
+    patches = inputs.pop("patches", None)
+    prompt = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if prompt.shape[0] != 1:
+        raise ValueError(f"score one prompt at a time, got a batch of {prompt.shape[0]}")
+    width = max(len(option) for option in options)
+    check_prompt_length(model, prompt.shape[1], len(prefix) + width)
+    device = prompt.device
+    cache = CompressedCache(press, modality=modality, patches=patches)
+    with press.attach(model):
+        start = time.perf_counter()
+        logits = model(**inputs, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        prefill_seconds = time.perf_counter() - start
+        if prefix:
+            ids = torch.tensor([prefix], device=device)
+            logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        cache_bytes, full_cache_bytes = cache.cache_bytes(), cache.full_cache_bytes()
+        first = F.log_softmax(logits[0].float(), dim=-1)
+        scores = first[torch.tensor([option[0] for option in options], device=device)]
+        if width > 1:
+            count = len(options)
+            cache.batch_repeat_interleave(count)
+            # The cache copies its rows but not the prompt's maps, which presses read while decoding.
+            if cache.modality is not None:
+                cache.modality = cache.modality.expand(count, -1)
+            if cache.patches is not None:
+                cache.patches = cache.patches.expand(count, -1, -1)
+            fed = torch.tensor([o[:-1] + [o[-1]] * (width - len(o)) for o in options], device=device)
+            wanted = torch.tensor([o[1:] + [o[-1]] * (width - len(o)) for o in options], device=device)
+            real = torch.tensor([[k < len(o) - 1 for k in range(width - 1)] for o in options], device=device)
+            log_probs = F.log_softmax(model(input_ids=fed, past_key_values=cache).logits.float(), dim=-1)
+            scores = scores + (log_probs.gather(-1, wanted[..., None])[..., 0] * real).sum(-1)
+    return OptionScores(scores.cpu(), prompt.shape[1], cache_bytes, full_cache_bytes, prefill_seconds)
+
+
+# -- the task --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticTask:
+    """`--tasks synthetic`: `samples` examples per family, each about `tokens` prompt tokens with `choices` options,
+    from `seed`; score 1.0 when the most likely option (calibrated, see the module docstring) is the shown photo."""
+
+    tokens: int = 300  # prompt tokens, images included
+    samples: int = 20  # per family
     families: tuple[str, ...] = FAMILIES
     seed: int = 0
-    max_new_tokens: int = 8  # "The image 1 shows a cat" fits
+    choices: int = 4  # answer options per question: chance is 1 / choices
     name: ClassVar[str] = "synthetic"
+    in_average: ClassVar[bool] = True
+    _prior: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # option -> log-likelihood
+    _encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # the example in hand
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -128,6 +240,8 @@ class SyntheticTask(GenerationTask):
             raise ValueError(f"families must be among {', '.join(FAMILIES)}, got {', '.join(unknown)}")
         if self.tokens < 1:
             raise ValueError(f"tokens must be a positive token count, got {self.tokens}")
+        if not 2 <= self.choices <= 4:  # six photos, two of them confusable: 4 options leave at least one distractor
+            raise ValueError(f"choices must be 2, 3 or 4, got {self.choices}")
 
     def load(self, processor: Any) -> tuple[list[Example], list[Failure]]:
         if not is_processor(processor) or not hasattr(processor, "grid"):
@@ -140,24 +254,85 @@ class SyntheticTask(GenerationTask):
         return examples, []
 
     def example(self, family: str, index: int, tokenizer: Any, image_tokens: int) -> Example:
-        """Example `index` of `family`: the same (seed, family, index, tokens) always gives the same example."""
+        """Example `index` of `family`: the same (seed, family, index, tokens, choices) always gives the same one."""
         rng = random.Random(f"{self.seed}/{family}/{index}")
-        fixed = len(tokenizer(QUESTION.format(number=99), add_special_tokens=False).input_ids) + _TEMPLATE_TOKENS
-        num_images = max(3, round((self.tokens - fixed) / (image_tokens + _LABEL_TOKENS)))
-        plan = layout(family, rng, num_images)
+        fixed = len(tokenizer(QUESTION, add_special_tokens=False).input_ids) + _TEMPLATE_TOKENS
+        num_images = max(2, round((self.tokens - fixed) / (image_tokens + _LABEL_TOKENS)))
+        plan = layout(family, rng, num_images, self.choices)
         return Example(
             task=f"{self.name}/{family}",
             id=f"{family}-{index}",
-            prompt=IMAGE_PLACEHOLDER * num_images + QUESTION.format(number=plan.target_index + 1),
-            reference=plan.target,
+            prompt=IMAGE_PLACEHOLDER * num_images + QUESTION,
+            reference=ANSWERS[plan.target],
             images=tuple(plan.images),
-            max_new_tokens=self.max_new_tokens,
-            info={"family": family, "distractor": plan.distractor, "target_index": plan.target_index},
+            max_new_tokens=0,  # scored by likelihood: nothing is generated
+            info={
+                "family": family,
+                "options": [ANSWERS[o] for o in plan.options],
+                "target": plan.target,
+                "target_index": plan.target_index,
+                "distractors": plan.distractors,
+            },
         )
 
     def score(self, prediction: str, example: Example) -> float:
-        """1.0 when the answer names the odd photo (one of its accepted words)."""
-        return float(_photos()[example.reference].is_named_in(prediction))
+        """1.0 when the chosen option is the shown photo's."""
+        return float(prediction == example.reference)
+
+    def _inputs(self, model: PreTrainedModel, processor: Any, example: Example) -> tuple[dict, torch.Tensor | None]:
+        """The example's model inputs, made once for all the presses the runner takes in a row on it (the mini-VLM's
+        images are embedded once too: the vision tower is no part of what a press changes)."""
+        key = (example.task, example.id)
+        if self._encoded.get("key") != key:
+            inputs, modality, _ = encode_example(model, processor, example)
+            inputs = {name: value.to(model.device) for name, value in inputs.items()}
+            if hasattr(model, "embed") and "pixel_values" in inputs:
+                inputs["inputs_embeds"] = model.embed(inputs.pop("input_ids"), inputs.pop("pixel_values"))
+            self._encoded = {
+                "key": key,
+                "inputs": inputs,
+                "modality": None if modality is None else modality.to(model.device),
+            }
+        return self._encoded["inputs"], self._encoded["modality"]
+
+    def prior(self, model: PreTrainedModel, processor: Any) -> dict[str, float]:
+        """Each option's log-likelihood after the question with no pictures (uncompressed; computed once)."""
+        if not self._prior:
+            tokenizer = tokenizer_of(processor)
+            inputs, _, _ = encode_example(model, processor, Example(self.name, "prior", QUESTION, ""))
+            inputs = {name: value.to(model.device) for name, value in inputs.items()}
+            words = list(ANSWERS.values())
+            options = [_ids(tokenizer, f" {word}") for word in words]
+            scores = option_log_likelihoods(model, FullPress(), inputs, _ids(tokenizer, ANSWER_PREFIX), options)
+            self._prior = dict(zip(words, scores.log_likelihoods.tolist(), strict=True))
+        return self._prior
+
+    def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
+        tokenizer = tokenizer_of(processor)
+        inputs, modality = self._inputs(model, processor, example)
+        words = example.info["options"]
+        options = [_ids(tokenizer, f" {word}") for word in words]
+        result = option_log_likelihoods(model, press, inputs, _ids(tokenizer, ANSWER_PREFIX), options, modality)
+        prior = self.prior(model, processor)
+        calibrated = result.log_likelihoods - torch.tensor([prior[word] for word in words])
+        prediction = words[int(calibrated.argmax())]
+        right = words.index(example.reference)
+        margin = calibrated[right] - torch.cat([calibrated[:right], calibrated[right + 1 :]]).max()
+        return Outcome(
+            prediction=prediction,
+            score=self.score(prediction, example),
+            prompt_tokens=result.prompt_tokens,
+            cache_bytes=result.cache_bytes,
+            full_cache_bytes=result.full_cache_bytes,
+            prefill_seconds=result.prefill_seconds,
+            decode_ms_per_token=None,  # nothing is generated
+            metrics={"margin": float(margin)},
+            image_input="processor",
+        )
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 TASK = SyntheticTask

@@ -11,6 +11,9 @@ With no compressed layer pending (another cache, or `use_cache=False`) the funct
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -22,6 +25,11 @@ from modalkv.modality import check_modality, check_patches, infer_patches
 from modalkv.presses.base import DecodeView, PrefillInputs
 
 ATTENTION_NAME = "modalkv"
+# glibc keeps freed blocks in its heap while a small long-lived allocation (a compressed layer) sits above them, so a
+# long prefill's resident memory would grow by every layer's freed activations (docs/benchmark.md: 643 MiB instead
+# of ~300 at 8k tokens). Returning them after each compressed layer of a long CPU prefill costs a few ms.
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+TRIM_FROM_TOKENS = 2048
 
 
 def register() -> None:
@@ -69,6 +77,8 @@ def modalkv_attention(
                 state=pending.layer.cache.press_state,
             )
             pending.layer.store_prefill(key, value, pending.layer.cache.press.select(inputs))
+            if _malloc_trim is not None and key.is_cpu and key.shape[0] * key.shape[2] >= TRIM_FROM_TOKENS:
+                _malloc_trim(0)
         return output, None
     if attention_mask is not None and not bool(real_tokens(attention_mask, key).all()):
         raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")

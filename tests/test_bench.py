@@ -45,14 +45,17 @@ def test_grid_reports_ratios_to_the_baseline_and_floor_of_the_same_run(model):
 
 @pytest.mark.slow
 def test_bench_cli_writes_json_and_refuses_contexts_past_the_model(tmp_path):
-    result = invoke("bench", "--context", "300", "--decode-tokens", "3", "--methods", "snapkv", "--out", tmp_path)
+    args = ["bench", "--context", "300", "--decode-tokens", "3", "--methods", "snapkv", "-p", "pooling=max"]
+    result = invoke(*args, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "bench.json").read_text())
     assert [row["context"] for row in record["rows"]] == [300] and record["rows"][0]["cache_ratio"] < 0.23
+    assert record["rows"][0]["method"] == "snapkv(pooling=max)"  # the parameter reached the press
     for figure in ("decode_vs_context", "speedup_vs_budget", "memory_vs_context"):
         assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
     assert_fails(invoke("bench", "--context", "9000", "--out", tmp_path), "handles at most 8192 positions")
     assert_fails(invoke("bench", "--methods", "nope", "--out", tmp_path), "unknown method 'nope'")
+    assert_fails(invoke("bench", "--methods", "snapkv", "-p", "theta=0.5", "--out", tmp_path), "parameter(s) theta")
 
 
 @pytest.mark.slow

@@ -206,6 +206,34 @@ def test_tokens_leaving_while_decoding_join_the_recall_state_by_the_recurrence(m
     assert torch.equal(layer.memory["recall"][1], before["recall"][1])
 
 
+def test_releasing_several_tokens_at_once_equals_releasing_them_one_by_one(model, prompt):
+    modality = torch.zeros_like(prompt)
+    modality[0, 4:20] = IMAGE  # some leaving tokens are image patches (visual state), the others text (recall)
+    press = get_press("retentivekv", budget=16, window_size=4)
+    cache = CompressedCache(press, modality=modality)
+    with press.attach(model), torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+    layer = cache.layers[1]
+    block = layer.blocks[0]
+    assert {"recall", "visual"} <= set(layer.memory)
+    original = {name: t.clone() for name, t in layer.memory.items()}
+    stored = torch.arange(int(block.lengths[0])).expand(2, -1)
+    is_visual = press.visual_slots(layer, block, stored)[0]
+    picks = is_visual.nonzero().flatten()[:2].tolist() + (~is_visual).nonzero().flatten()[:2].tolist()
+    assert len(picks) == 4  # two image patches (visual state) and two text tokens (recall state) leave row 0
+    row0 = sorted(picks, reverse=True)  # any order: the recurrence absorbs them in the order given
+    slots = torch.tensor([row0, [*row0[:2], -1, -1]])  # -1: row 1 releases two tokens only
+    view = DecodeView(layer, block, None, 2, 2, layer.seen)
+    press.release(view, slots)
+    at_once = {name: t.clone() for name, t in layer.memory.items()}
+    layer.memory = {name: t.clone() for name, t in original.items()}
+    for j in range(slots.shape[1]):
+        press.release(view, slots[:, j : j + 1])
+    for name in ("recall", "visual"):
+        assert torch.allclose(at_once[name], layer.memory[name], atol=1e-5, rtol=1e-5), name
+        assert not torch.allclose(at_once[name], original[name], atol=1e-3), name
+
+
 def test_images_get_a_visual_state_and_text_only_prompts_do_not(model, prompt):
     modality = torch.zeros_like(prompt)
     modality[0, 10:30] = IMAGE

@@ -355,13 +355,19 @@ def bench(
     dtype: DtypeOption = "float32",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
     memory: Annotated[bool, typer.Option(help="also measure prefill peak memory, one fresh process per cell")] = False,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="method parameter KEY=VALUE, given to every method that has it"),
+    ] = None,
 ) -> None:
     """Decode speed, prefill time and cache size per method and budget, as ratios to the uncompressed cache."""
     from modalkv.bench import run_grid
     from modalkv.eval.passkey import passkey_example
+    from modalkv.eval.runner import make_presses
 
     try:
-        presses = [get_press(m, budget=parse_budget(b)) for m in methods.split(",") for b in budgets.split(",")]
+        budget_list = [parse_budget(b) for b in budgets.split(",")]
+        presses = make_presses(methods.split(","), budget_list, parse_params(param))
         lengths = [int(n) for n in context.split(",")]
         with console.status(f"loading {model}"):
             lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))

@@ -97,45 +97,50 @@ class RowBlock:
             fewest, most: `excess()`, passed in so that the caller can skip scoring when no row is over.
 
         Returns:
-            [n, most] slot indices per row, highest first, -1 where a row loses fewer.
+            [n, most] slot indices per row, lowest score first, -1 where a row loses fewer.
         """
         if self.min_length < self.max_length:  # rows end at different slots: what lies past a row's end never goes
             past_end = torch.arange(scores.shape[1], device=scores.device) >= self.lengths[:, None]
             scores = scores.masked_fill(past_end, float("inf"))
-        if most == 1:  # the steady state of decode-time eviction: one token in, one token out
-            lowest = scores.argmin(dim=-1, keepdim=True)
-        else:
-            lowest = scores.topk(most, dim=-1, largest=False).indices
-            # Highest slot first: a swap never moves a token that is itself about to be removed.
-            lowest = lowest.sort(dim=-1, descending=True).values
+        # One token in, one token out (the steady state of decode-time eviction) is an argmin; lowest score first.
+        lowest = scores.argmin(-1, keepdim=True) if most == 1 else scores.topk(most, -1, largest=False).indices
         if fewest < most:
             excess = (self.lengths - self.limits).clamp(min=0)
             lowest = lowest.masked_fill(torch.arange(most, device=scores.device) >= excess[:, None], -1)
-            lowest = lowest.sort(dim=-1, descending=True).values  # -1 entries last, the rest still highest first
         return lowest
 
     def remove(self, ordered: torch.Tensor, every_row: bool = False) -> None:
-        """Removes slots [n, m] (per row highest first, -1 for none, as `over_limit` gives) by swapping in the last.
+        """Removes slots [n, m] (per row, -1 for none, as `over_limit` gives) in one move for all m: the tokens kept
+        among each row's last slots fill the holes the removed ones leave below the new end.
 
-        Each buffer is addressed as a flat [n * capacity, ...] table, so a move is one index_select and one
+        Each buffer is addressed as a flat [n * capacity, ...] table, so the move is one index_select and one
         index_copy_ per buffer. `every_row`: no -1 entries (every row loses m slots), so the lengths shift without
         a host sync."""
-        offsets = torch.arange(len(self.rows), device=ordered.device) * self.capacity
-        for j in range(ordered.shape[1]):
-            last = offsets + self.lengths - 1
-            if every_row:
-                target = offsets + ordered[:, j]
-                self.lengths -= 1
-            else:
-                evicting = ordered[:, j] >= 0
-                target = torch.where(evicting, offsets + ordered[:, j], last)
-                self.lengths -= evicting.long()
-            for buffer in self.slots.values():
-                flat = buffer.view(-1, *buffer.shape[2:])
-                flat.index_copy_(0, target, flat.index_select(0, last))
+        rows, most = ordered.shape
+        if most == 0:
+            return
+        leaving = ordered >= 0
+        count = leaving.sum(-1)
+        new_lengths = self.lengths - count
+        steps = torch.arange(most, device=ordered.device)
+        tail = new_lengths[:, None] + steps  # [n, m]: the slots from the new end on, `count` of them real
+        tail_stays = (steps < count[:, None]) & ~(tail[:, :, None] == ordered[:, None, :]).any(-1)
+        past = self.capacity  # sorts after every slot
+        sources = torch.where(tail_stays, tail, past).sort(dim=-1).values
+        holes = torch.where(leaving & (ordered < new_lengths[:, None]), ordered, past).sort(dim=-1).values
+        # As many holes as staying tail tokens per row; the rest of the pairs copy a row's last slot onto itself.
+        idle = (self.lengths - 1)[:, None]
+        offsets = torch.arange(rows, device=ordered.device)[:, None] * self.capacity
+        real = holes < past
+        target = (offsets + torch.where(real, holes, idle)).flatten()
+        source = (offsets + torch.where(real, sources, idle)).flatten()
+        for buffer in self.slots.values():
+            flat = buffer.view(-1, *buffer.shape[2:])
+            flat.index_copy_(0, target, flat.index_select(0, source))
+        self.lengths -= count
         if every_row:
-            self.min_length -= ordered.shape[1]
-            self.max_length -= ordered.shape[1]
+            self.min_length -= most
+            self.max_length -= most
         else:
             low, high = self.lengths.aminmax()
             self.min_length, self.max_length = int(low), int(high)

@@ -272,29 +272,32 @@ class RetentiveKVPress(Press):
         return block.slots["scores"][:, :length].masked_fill(in_window, float("inf"))
 
     def release(self, view: DecodeView, slots: torch.Tensor) -> None:
-        """Absorbs the leaving tokens into the recall state (image patches into the visual state), a = 1, h = the
-        decay at average entropy. Rows that release nothing are untouched (weight 0, decay 1): no boolean indexing,
-        no host sync, every decoding step."""
+        """Absorbs the leaving tokens [n, m] into the recall state (image patches into the visual state), each with
+        a = 1 and h = the decay at average entropy, in one step for all m: S <- h^J S + sum_j h^(J_j) phi(k_j)^T v_j,
+        J the tokens joining the state, J_j those joining after token j. Rows that release nothing are untouched
+        (weight 0, decay 1): no boolean indexing, no host sync."""
         memory, block = view.layer.memory, view.block
         if not memory:
             return
-        forget = 1 - 1 / (1 + math.exp(-self.decay_bias))
-        visual = self.visual_slots(view.layer, block, slots.clamp(min=0)) if "visual" in memory else None
+        retain = 1 / (1 + math.exp(-self.decay_bias))
+        rows, count = slots.shape
         dim = block.keys.shape[-1]
-        keys, values = block.keys.view(-1, dim), block.values.view(-1, dim)  # flat [n * capacity, D] tables
-        offsets = torch.arange(len(block.rows), device=slots.device) * block.capacity
-        for j in range(slots.shape[1]):
-            leaving = (slots[:, j] >= 0).float()
-            where = offsets + slots[:, j].clamp(min=0)
-            phi, value = feature_map(keys.index_select(0, where)), with_one(values.index_select(0, where))
-            for name in ("recall", "visual") if visual is not None else ("recall",):
-                joins = leaving if visual is None else leaving * (visual[:, j] == (name == "visual"))
-                decay, injected = (1 - forget * joins)[:, None, None], (phi * joins[:, None])[:, :, None]
-                state = memory[name]
-                if block.covers_all_rows:
-                    state.mul_(decay).baddbmm_(injected, value[:, None, :])
-                else:
-                    state[block.rows] = torch.baddbmm(state[block.rows] * decay, injected, value[:, None, :])
+        where = (torch.arange(rows, device=slots.device)[:, None] * block.capacity + slots.clamp(min=0)).flatten()
+        phi = feature_map(block.keys.view(-1, dim).index_select(0, where)).view(rows, count, dim)
+        value = with_one(block.values.view(-1, dim).index_select(0, where)).view(rows, count, dim + 1)
+        leaving = slots >= 0
+        visual = self.visual_slots(view.layer, block, slots.clamp(min=0)) if "visual" in memory else None
+        for name in ("recall", "visual") if visual is not None else ("recall",):
+            joins = (leaving if visual is None else leaving & (visual == (name == "visual"))).float()
+            later = joins.flip(-1).cumsum(-1).flip(-1) - joins if count > 1 else 0
+            weights = joins * retain**later if count > 1 else joins
+            update = (phi * weights[..., None]).transpose(1, 2) @ value  # [n, D, D + 1]
+            decay = (retain ** joins.sum(-1))[:, None, None]
+            state = memory[name]
+            if block.covers_all_rows:
+                state.mul_(decay).add_(update)
+            else:
+                state[block.rows] = state[block.rows] * decay + update
 
     def visual_slots(self, layer: CompressedLayer, block: RowBlock, slots: torch.Tensor) -> torch.Tensor:
         """[n, m] bool: whether the tokens in `slots` [n, m] of `block` are image or video tokens of the prompt."""

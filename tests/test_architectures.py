@@ -250,15 +250,7 @@ EXPECTED_GRIDS = {
 def test_patch_grids_have_the_right_shape_per_image(arch):
     name, model, processor = arch
     inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
-    patches = inputs["patches"][0]
-    visual = patches[patches[:, 0] >= 0]
-    grids = []
-    for index in visual[:, 0].unique_consecutive().tolist():
-        cells = visual[visual[:, 0] == index, 1:]
-        rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
-        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
-        assert torch.equal(cells, grid), f"grid {index} is not laid out row-major"
-        grids.append((rows, cols))
+    grids = grids_of(inputs["patches"][0])
     assert grids == EXPECTED_GRIDS[name]
     if name in ("idefics3", "smolvlm"):  # one grid per tile and global view the processor made
         assert len(grids) == inputs["pixel_values"].shape[1]

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from modalkv import CompressedCache, get_press
+from modalkv.modality import IMAGE
 from modalkv.presses.base import DecodeView
 from modalkv.storage import build_blocks
 
@@ -157,3 +158,21 @@ def test_removal_from_every_row_takes_the_path_without_a_host_sync_and_agrees_wi
     for name in general.slots:
         assert torch.equal(general.slots[name], uniform.slots[name])
     assert (uniform.min_length, uniform.max_length) == (general.min_length, general.max_length) == (7, 7)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "retentivekv", "madakv"])
+def test_beam_search_at_full_budget_equals_dynamic_cache_and_the_maps_follow_the_beams(model, prompt, method):
+    prompts = torch.cat([prompt, prompt.flip(-1)])
+    modality = torch.zeros_like(prompts)
+    modality[0, 10:30] = IMAGE
+    modality[1, 5:12] = IMAGE
+    beams = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8, "do_sample": False}
+    with torch.no_grad():
+        plain = model.generate(input_ids=prompts, past_key_values=DynamicCache(), **beams)
+        full = get_press(method, budget=1.0).generate(model, input_ids=prompts, modality=modality, **beams)
+        cache = CompressedCache(get_press(method, budget=0.3))
+        compressed = cache.press.generate(model, input_ids=prompts, modality=modality, past_key_values=cache, **beams)
+    assert torch.equal(full, plain)
+    assert compressed.shape == plain.shape
+    # Each prompt's map on each of its beams, in generate()'s row order, after the beams were reordered.
+    assert torch.equal(cache.modality, modality.repeat_interleave(3, dim=0))

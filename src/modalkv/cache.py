@@ -233,6 +233,27 @@ class CompressedCache(Cache):
             self.layers.append(CompressedLayer(self, len(self.layers)))
         return self.layers[layer_idx].update(key_states, value_states)
 
+    # Beam search duplicates and reorders batch rows: the prompt's maps follow them, as the layers' rows do.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.select_map_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.modality is not None:
+            self.select_map_rows(torch.arange(self.modality.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.select_map_rows(indices)
+
+    def select_map_rows(self, indices: torch.Tensor) -> None:
+        """New row i of the modality and patch maps is old row indices[i]."""
+        if self.modality is not None:
+            self.modality = self.modality[indices.to(self.modality.device)]
+        if self.patches is not None:
+            self.patches = self.patches[indices.to(self.patches.device)]
+
     def cache_bytes(self) -> int:
         """Bytes of the kept keys and values over all layers."""
         return sum(layer.cache_bytes() for layer in self.layers)

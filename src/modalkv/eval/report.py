@@ -148,10 +148,10 @@ def accuracy_figure(summary: Summary) -> Figure:
         return row.average if panel == "average" else row.scores.get(panel)
 
     for axis, panel in zip(axes.flat, panels, strict=False):
-        for method, rows in _ratio_rows(summary).items():
+        for i, (method, rows) in enumerate(_ratio_rows(summary).items()):
             points = [(r.budget, 100 * value(r, panel)) for r in rows if value(r, panel) is not None]
             if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+                axis.plot(*zip(*points, strict=True), **line_style(i), label=method)
         full = _full(summary)
         if full is not None and value(full, panel) is not None:
             axis.axhline(100 * value(full, panel), color="black", linestyle="--", label="full")
@@ -162,6 +162,12 @@ def accuracy_figure(summary: Summary) -> Figure:
     axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def line_style(index: int) -> dict:
+    """Colour, marker and dash of the index-th method's line: distinct for up to 40 methods (10 colours x 4)."""
+    variant = index // 10 % 4
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", "-.", ":")[variant], "marker": "os^D"[variant]}
 
 
 def bars_figure(summary: Summary, budget: float | int) -> Figure:
@@ -175,7 +181,8 @@ def bars_figure(summary: Summary, budget: float | int) -> Figure:
     for i, row in enumerate(rows):
         xs = [t + i * width for t, task in enumerate(summary.tasks) if task in row.scores]
         heights = [100 * row.scores[task] for task in summary.tasks if task in row.scores]
-        axis.bar(xs, heights, width, label=row.method if row.method == "full" else f"{row.method}@{budget:g}")
+        label = row.method if row.method == "full" else f"{row.method}@{budget:g}"
+        axis.bar(xs, heights, width, color=plt.get_cmap("tab20")(i % 20), label=label)
     axis.set_xticks([t + 0.4 - width / 2 for t in range(len(summary.tasks))], summary.tasks, rotation=20, ha="right")
     axis.set(ylabel="score x100", title=f"per-task scores at budget {budget:g}")
     axis.legend(fontsize=7)
@@ -189,13 +196,13 @@ def fidelity_figure(summary: Summary, task: str = "fidelity") -> Figure:
 
     plt = _pyplot()
     figure, (kl_axis, top1_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for method, rows in _ratio_rows(summary).items():
+    for i, (method, rows) in enumerate(_ratio_rows(summary).items()):
         kl = [(r.budget, r.metrics[f"{task} kl"]) for r in rows if f"{task} kl" in r.metrics]
         top1 = [(r.budget, r.scores[task]) for r in rows if task in r.scores]
         if kl:
-            kl_axis.plot(*zip(*kl, strict=True), marker="o", label=method)
+            kl_axis.plot(*zip(*kl, strict=True), **line_style(i), label=method)
         if top1:
-            top1_axis.plot(*zip(*top1, strict=True), marker="o", label=method)
+            top1_axis.plot(*zip(*top1, strict=True), **line_style(i), label=method)
     kl_axis.set(title="next-token KL(full || compressed)", xlabel="budget", ylabel="nats/token", xscale="log")
     top1_axis.set(title="top-1 agreement with the full cache", xlabel="budget", xscale="log", ylim=(-0.03, 1.03))
     for axis in (kl_axis, top1_axis):
@@ -249,8 +256,9 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
         ]
     lines += [
         "Scores x100 (passkey: exact key; MileBench: each dataset's own metric; fidelity: top-1 agreement with the "
-        "full cache, with its KL in nats/token). `cache`: kept KV bytes / uncompressed KV bytes. A cell with fewer "
-        "examples than its column says how many.",
+        "full cache, with its KL in nats/token; synthetic: the right option ranked first by likelihood, chance 1/4 "
+        "with the default 4 options, with its margin in nats). `cache`: kept KV bytes / uncompressed KV bytes. A "
+        "cell with fewer examples than its column says how many.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

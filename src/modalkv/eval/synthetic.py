@@ -202,12 +202,7 @@ def option_log_likelihoods(
         scores = first[torch.tensor([option[0] for option in options], device=device)]
         if width > 1:
             count = len(options)
-            cache.batch_repeat_interleave(count)
-            # The cache copies its rows but not the prompt's maps, which presses read while decoding.
-            if cache.modality is not None:
-                cache.modality = cache.modality.expand(count, -1)
-            if cache.patches is not None:
-                cache.patches = cache.patches.expand(count, -1, -1)
+            cache.batch_repeat_interleave(count)  # the rows and the prompt's maps, one copy per option
             fed = torch.tensor([o[:-1] + [o[-1]] * (width - len(o)) for o in options], device=device)
             wanted = torch.tensor([o[1:] + [o[-1]] * (width - len(o)) for o in options], device=device)
             real = torch.tensor([[k < len(o) - 1 for k in range(width - 1)] for o in options], device=device)

@@ -239,6 +239,12 @@ class Press:
             raise ValueError("two different modality maps: one given to generate(), another held by the cache")
         if patches is not None:
             cache.patches = patches
+        # generate() repeats each prompt row before the prefill for beams or several returned sequences: so do the maps.
+        config = kwargs.get("generation_config", model.generation_config)
+        beams = kwargs.get("num_beams", config.num_beams) or 1
+        copies = beams if beams > 1 else kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        if copies > 1 and cache.modality is not None:
+            cache.batch_repeat_interleave(copies)  # nothing is stored yet: only the maps are repeated
         prompt = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is not None:
             check_prompt_length(model, prompt.shape[1], kwargs.get("max_new_tokens", 0))

@@ -1,5 +1,6 @@
 """Ragged decode attention against a naive float64 reference over each row's kept tokens."""
 
+import pytest
 import torch
 
 from modalkv.attention import ragged_attention, real_tokens
@@ -23,7 +24,14 @@ def naive_attention(query, rows, scaling):
     return out
 
 
-def test_ragged_attention_matches_naive_attention_for_several_blocks_and_queries():
+@pytest.mark.parametrize(
+    ("lengths", "spans"),
+    [
+        ([[5, 30, 31], [12, 40, 2]], [None, None]),  # each block's rows interleave: gathers and scatters
+        ([[2, 5, 30], [31, 40, 35]], [slice(0, 2), slice(2, 6)]),  # consecutive rows: views
+    ],
+)
+def test_ragged_attention_matches_naive_attention_for_several_blocks_and_queries(lengths, spans):
     gen = torch.Generator().manual_seed(0)
     batch, kv_heads, groups, dim, seq, q = 2, 3, 2, 8, 40, 3
     cache = CompressedCache(FullPress())
@@ -32,7 +40,7 @@ def test_ragged_attention_matches_naive_attention_for_several_blocks_and_queries
     cache.update(keys, values, 0)
     take_pending(0)  # this test stores by hand what the attention function would
     layer = cache.layers[0]
-    lengths = torch.tensor([[5, 30, 31], [12, 40, 2]])
+    lengths = torch.tensor(lengths)
     order = torch.stack([torch.randperm(seq, generator=gen) for _ in range(batch * kv_heads)]).view(
         batch, kv_heads, seq
     )
@@ -42,7 +50,7 @@ def test_ragged_attention_matches_naive_attention_for_several_blocks_and_queries
             chosen = order[b, h, : lengths[b, h]].sort().values
             indices[b, h, : len(chosen)] = chosen
     layer.store_prefill(keys, values, Selection(indices, lengths))
-    assert len(layer.blocks) == 2  # rows of 2-12 tokens and of 30-40 tokens: two padded buffers
+    assert [block.span for block in layer.blocks] == spans  # rows of 2-12 and of 30-40 tokens: two padded buffers
 
     new_keys = torch.randn(batch, kv_heads, q, dim, generator=gen)
     new_values = torch.randn(batch, kv_heads, q, dim, generator=gen)

@@ -146,7 +146,7 @@ def ragged_attention(
         if block.min_length < length:
             valid = torch.arange(length, device=query.device) < block.lengths[:, None]  # [n, L]
             mask = valid[:, None, None] if mask is None else mask & valid[:, None, None]
-        block_queries = row_queries if block.covers_all_rows else row_queries[block.rows]
+        block_queries = row_queries[block.index]
         keys, values = block.keys[:, None, :length], block.values[:, None, :length]
         if with_weights:
             logits = torch.matmul(block_queries, keys.transpose(-1, -2)) * (scaling or dim**-0.5)
@@ -166,5 +166,5 @@ def ragged_attention(
         if output is None:
             output = result
         else:
-            output[block.rows] = result
+            output[block.index] = result
     return output.reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous(), weights, log_masses

@@ -116,7 +116,7 @@ class CompressedLayer(CacheLayerMixin):
         flat = {"keys": keys.reshape(batch * heads, q, dim), "values": values.reshape(batch * heads, q, dim)}
         columns = torch.arange(start_column, start_column + q, device=keys.device, dtype=torch.int32)
         for block in self.blocks:
-            rows = flat if block.covers_all_rows else {name: t[block.rows] for name, t in flat.items()}
+            rows = {name: t[block.index] for name, t in flat.items()}
             block.append({**rows, "columns": columns})
 
     # -- accounting ----------------------------------------------------------------------------------------------
@@ -197,8 +197,7 @@ class CompressedLayer(CacheLayerMixin):
             take = picked >= 0
             if take.any():
                 device = block.keys.device
-                covers_all = bool(take.all())
-                blocks.append(block.take_rows(picked[take].to(device), new_rows[take].to(device), covers_all))
+                blocks.append(block.take_rows(picked[take].to(device), new_rows[take].to(device)))
         self.blocks = blocks
         self.memory = {name: state[source_rows.to(state.device)] for name, state in self.memory.items()}
         self.batch_size = len(indices)

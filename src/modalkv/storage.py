@@ -34,7 +34,12 @@ class RowBlock:
     limits: torch.Tensor | None  # [n] long: decode-time eviction keeps each row at most this long; None: no eviction
     max_length: int  # lengths.max() and lengths.min(), kept as ints to slice and branch without a sync
     min_length: int
-    covers_all_rows: bool  # rows == arange(batch * kv_heads): no gather/scatter needed
+    span: slice | None  # the rows as a slice when they are consecutive: views instead of gathers and scatters
+
+    @property
+    def index(self) -> slice | torch.Tensor:
+        """What selects this block's rows from a [batch * kv_heads, ...] tensor."""
+        return self.span if self.span is not None else self.rows
 
     @property
     def keys(self) -> torch.Tensor:
@@ -145,8 +150,8 @@ class RowBlock:
             low, high = self.lengths.aminmax()
             self.min_length, self.max_length = int(low), int(high)
 
-    def take_rows(self, local: torch.Tensor, rows: torch.Tensor, covers_all_rows: bool) -> RowBlock:
-        """A block made of this block's rows `local` (repeats allowed), renumbered as `rows`."""
+    def take_rows(self, local: torch.Tensor, rows: torch.Tensor) -> RowBlock:
+        """A block made of this block's rows `local` (repeats allowed), renumbered as `rows` (ascending)."""
         lengths = self.lengths[local]
         return RowBlock(
             rows=rows,
@@ -155,7 +160,7 @@ class RowBlock:
             limits=None if self.limits is None else self.limits[local],
             max_length=int(lengths.max()),
             min_length=int(lengths.min()),
-            covers_all_rows=covers_all_rows,
+            span=span_of(rows.tolist()),
         )
 
 
@@ -172,19 +177,23 @@ def group_rows(lengths: torch.Tensor) -> list[torch.Tensor]:
     return [torch.tensor(sorted(g), dtype=torch.long) for g in groups]
 
 
+def span_of(rows: list[int]) -> slice | None:
+    """`rows` (ascending) as a slice when they are consecutive, else None."""
+    return slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else None
+
+
 def build_blocks(kept: dict[str, torch.Tensor], lengths: torch.Tensor, limits: torch.Tensor | None) -> list[RowBlock]:
     """Blocks holding the first `lengths[r]` entries of each row of `kept` ({name: [rows, K, ...]})."""
-    num_rows = len(lengths)
     blocks = []
     for rows in group_rows(lengths.cpu()):
+        span = span_of(rows.tolist())
         rows = rows.to(lengths.device)
         block_lengths = lengths[rows]
         longest = int(block_lengths.max())
-        covers_all = len(rows) == num_rows
         slots = {}
         for name, data in kept.items():
             buffer = data.new_zeros((len(rows), longest + GROWTH_MIN, *data.shape[2:]))
-            buffer[:, :longest] = (data if covers_all else data[rows])[:, :longest]
+            buffer[:, :longest] = data[span if span is not None else rows][:, :longest]
             slots[name] = buffer
         blocks.append(
             RowBlock(
@@ -194,7 +203,7 @@ def build_blocks(kept: dict[str, torch.Tensor], lengths: torch.Tensor, limits: t
                 limits=None if limits is None else limits[rows],
                 max_length=longest,
                 min_length=int(block_lengths.min()),
-                covers_all_rows=covers_all,
+                span=span,
             )
         )
     return blocks

@@ -294,8 +294,8 @@ class RetentiveKVPress(Press):
             update = (phi * weights[..., None]).transpose(1, 2) @ value  # [n, D, D + 1]
             decay = (retain ** joins.sum(-1))[:, None, None]
             state = memory[name]
-            if block.covers_all_rows:
-                state.mul_(decay).add_(update)
+            if block.span is not None:  # a view: updated in place
+                state[block.span].mul_(decay).add_(update)
             else:
                 state[block.rows] = state[block.rows] * decay + update
 

@@ -200,12 +200,17 @@ def built():
     return {}
 
 
+def built_once(name: str, built: dict) -> tuple:
+    """(name, model, processor) of a tiny architecture, built once per module."""
+    if name not in built:
+        built[name] = build(name)
+    model, processor = built[name]
+    return name, model, processor
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request, built):
-    if request.param not in built:
-        built[request.param] = build(request.param)
-    model, processor = built[request.param]
-    return request.param, model, processor
+    return built_once(request.param, built)
 
 
 def generate(model, inputs: dict, method: str | None, budget: float = 1.0, tokens: int = 4, **params):
@@ -361,10 +366,7 @@ VIDEO_GRIDS = [[(2, 3)] * 3, [(2, 3), (3, 2), (3, 2)]]
 
 @pytest.fixture(params=QWEN)
 def qwen(request, built):
-    if request.param not in built:
-        built[request.param] = build(request.param)
-    model, processor = built[request.param]
-    return request.param, model, processor
+    return built_once(request.param, built)
 
 
 def qwen_inputs(model, processor, rows: list, seed: int = 0) -> dict:

@@ -289,8 +289,8 @@ class RetentiveKVPress(Press):
         visual = self.visual_slots(view.layer, block, slots.clamp(min=0)) if "visual" in memory else None
         for name in ("recall", "visual") if visual is not None else ("recall",):
             joins = (leaving if visual is None else leaving & (visual == (name == "visual"))).float()
-            later = joins.flip(-1).cumsum(-1).flip(-1) - joins if count > 1 else 0
-            weights = joins * retain**later if count > 1 else joins
+            # Token j decays once for each token that joins the same state after it.
+            weights = joins * retain ** (joins.flip(-1).cumsum(-1).flip(-1) - joins) if count > 1 else joins
             update = (phi * weights[..., None]).transpose(1, 2) @ value  # [n, D, D + 1]
             decay = (retain ** joins.sum(-1))[:, None, None]
             state = memory[name]
@@ -326,8 +326,8 @@ class RetentiveKVPress(Press):
         else:
             log_mass, uncertainty = phi.new_zeros(rows, groups * q), phi.new_zeros(rows, groups * q)
             for block, weights, block_mass in zip(layer.blocks, attention, log_masses, strict=True):
-                log_mass[block.rows] = block_mass.float()
-                uncertainty[block.rows] = self.query_entropy(layer, block, weights.float())
+                log_mass[block.index] = block_mass.float()
+                uncertainty[block.index] = self.query_entropy(layer, block, weights.float())
         gate = torch.sigmoid(self.gate_weight * uncertainty + self.gate_bias)
         local = output.transpose(1, 2).reshape(rows, groups * q, dim).float()
         if self.combine == "additive":

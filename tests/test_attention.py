@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from modalkv.attention import ragged_attention, real_tokens
-from modalkv.cache import CompressedCache, take_pending
-from modalkv.presses import FullPress
-from modalkv.presses.base import Selection
+from modalkv.attention import real_tokens
+from modalkv.kernels import ragged_attention
+from modalkv.storage import RaggedRows
 
 
 def naive_attention(query, rows, scaling):
@@ -25,52 +24,58 @@ def naive_attention(query, rows, scaling):
 
 
 @pytest.mark.parametrize(
-    ("lengths", "spans"),
+    "lengths",
     [
-        ([[5, 30, 31], [12, 40, 2]], [None, None]),  # each block's rows interleave: gathers and scatters
-        ([[2, 5, 30], [31, 40, 35]], [slice(0, 2), slice(2, 6)]),  # consecutive rows: views
+        [[5, 30, 31], [12, 40, 2]],  # ragged: paged rows, one combine per row
+        [[20, 20, 20], [20, 20, 20]],  # alike: one page per row, plain sdpa
     ],
 )
-def test_ragged_attention_matches_naive_attention_for_several_blocks_and_queries(lengths, spans):
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_ragged_attention_matches_naive_attention(lengths, q, with_weights):
     gen = torch.Generator().manual_seed(0)
-    batch, kv_heads, groups, dim, seq, q = 2, 3, 2, 8, 40, 3
-    cache = CompressedCache(FullPress())
+    batch, kv_heads, groups, dim, seq = 2, 3, 2, 8, 40
     keys = torch.randn(batch, kv_heads, seq, dim, generator=gen)
     values = torch.randn(batch, kv_heads, seq, dim, generator=gen)
-    cache.update(keys, values, 0)
-    take_pending(0)  # this test stores by hand what the attention function would
-    layer = cache.layers[0]
     lengths = torch.tensor(lengths)
-    order = torch.stack([torch.randperm(seq, generator=gen) for _ in range(batch * kv_heads)]).view(
-        batch, kv_heads, seq
-    )
-    indices = order.sort(dim=-1).values  # any ascending subset per row: take the first `lengths` of a permutation
-    for b in range(batch):
-        for h in range(kv_heads):
-            chosen = order[b, h, : lengths[b, h]].sort().values
-            indices[b, h, : len(chosen)] = chosen
-    layer.store_prefill(keys, values, Selection(indices, lengths))
-    assert [block.span for block in layer.blocks] == spans  # rows of 2-12 and of 30-40 tokens: two padded buffers
-
+    # Any subset per row, in any order (slot order carries no meaning).
+    indices = torch.stack([torch.randperm(seq, generator=gen) for _ in range(batch * kv_heads)])
+    flat_keys, flat_values = keys.reshape(-1, seq, dim), values.reshape(-1, seq, dim)
+    kept = {
+        "keys": flat_keys.gather(1, indices[..., None].expand(-1, -1, dim)),
+        "values": flat_values.gather(1, indices[..., None].expand(-1, -1, dim)),
+        "columns": indices.int(),
+    }
+    rows = RaggedRows.build(kept, lengths.flatten(), None, reserve=16)
+    assert (rows.uniform_length is None) == (len(set(lengths.flatten().tolist())) > 1)
     new_keys = torch.randn(batch, kv_heads, q, dim, generator=gen)
     new_values = torch.randn(batch, kv_heads, q, dim, generator=gen)
-    layer.append(new_keys, new_values, start_column=seq)
+    new = {"keys": new_keys.reshape(-1, dim), "values": new_values.reshape(-1, dim)}
+    rows.append(new, start_column=seq, fill={})
     query = torch.randn(batch, kv_heads * groups, q, dim, generator=gen)
-    out, _, _ = ragged_attention(layer, query, scaling=0.3, start_column=seq)
+    columns = torch.arange(seq, seq + q, dtype=torch.int32).repeat(groups) if q > 1 else seq
+    result = ragged_attention(rows, query.reshape(batch * kv_heads, groups * q, dim), 0.3, columns, with_weights)
+    out = result.output.view(batch, num_heads := kv_heads * groups, q, dim).transpose(1, 2)
 
-    rows = [
+    stored = [
         [
             (
-                torch.cat([keys[b, h, indices[b, h, : lengths[b, h]]], new_keys[b, h]]),
-                torch.cat([values[b, h, indices[b, h, : lengths[b, h]]], new_values[b, h]]),
-                torch.cat([indices[b, h, : lengths[b, h]], torch.arange(seq, seq + q)]),
+                torch.cat([keys[b, h, indices[b * kv_heads + h, : lengths[b, h]]], new_keys[b, h]]),
+                torch.cat([values[b, h, indices[b * kv_heads + h, : lengths[b, h]]], new_values[b, h]]),
+                torch.cat([indices[b * kv_heads + h, : lengths[b, h]], torch.arange(seq, seq + q)]),
             )
             for h in range(kv_heads)
         ]
         for b in range(batch)
     ]
-    assert out.shape == (batch, q, kv_heads * groups, dim)
-    assert torch.allclose(out.double(), naive_attention(query, rows, 0.3), atol=1e-5)
+    assert out.shape == (batch, q, num_heads, dim)
+    assert torch.allclose(out.double(), naive_attention(query, stored, 0.3), atol=1e-5)
+    if with_weights:  # the weights of each row's slots sum to one per query; log-masses are finite
+        holds = rows.holds() if rows.uniform_length is None else torch.ones(result.weights.shape[0], 1, dtype=bool)
+        assert torch.all(result.weights[~holds[:, None, :].expand_as(result.weights)] == 0)
+        totals = torch.zeros(batch * kv_heads, groups * q).index_add_(0, rows.layout.page_row, result.weights.sum(-1))
+        assert torch.allclose(totals, torch.ones_like(totals), atol=1e-5)
+        assert torch.isfinite(result.log_mass).all()
 
 
 def test_real_tokens_reads_padding_from_bool_and_float_masks():

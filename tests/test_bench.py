@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_cli import assert_fails, invoke
 
-from modalkv import get_press
-from modalkv.bench import FLOOR_CONTEXT, measure, run_grid
+from modalkv import cli, get_press
+from modalkv.bench import FLOOR_CONTEXT, decode_dispatch, measure, run_grid
 
 
 def prompt_of_length(length: int) -> torch.Tensor:
@@ -41,6 +41,54 @@ def test_grid_reports_ratios_to_the_baseline_and_floor_of_the_same_run(model):
         assert row["vs_floor"] == pytest.approx(row["decode_ms_per_token"] / row["floor_ms_per_token"])
     streaming_80 = rows[3]
     assert streaming_80["cache_ratio"] == pytest.approx(20 / (80 + 4))  # evicts while decoding: stays at 20 tokens
+
+
+@pytest.mark.parametrize("press", [None, get_press("snapkv", budget=0.5, window_size=4)], ids=["dynamic", "snapkv"])
+def test_decode_dispatch_counts_ops_per_layer_step_and_syncs_per_step(model, press):
+    counted = decode_dispatch(model, press, prompt_of_length(40), steps=2, warmup=1)
+    assert counted.steps == 2 and counted.layers == 2
+    assert counted.ops_per_layer_step == counted.ops / 2 / 2 > 0
+    assert counted.syncs_per_step >= 0 and float(counted.syncs_per_step).is_integer()  # the same syncs every step
+    assert sum(counted.top_ops.values()) <= counted.ops / 2 and "aten.mm" in counted.top_ops
+    assert sum(counted.sync_sites.values()) == counted.syncs_per_step
+    assert f"{counted.ops / 2:g} ops" in counted.report
+
+
+def test_measure_counts_dispatch_only_when_asked_and_after_the_timed_steps(model):
+    plain = measure(model, None, prompt_of_length(40), decode_tokens=4)
+    assert plain.ops_per_layer_step is None and plain.syncs_per_step is None
+    counted = measure(model, None, prompt_of_length(40), decode_tokens=4, count_steps=2)
+    assert counted.ops_per_layer_step > 0 and counted.syncs_per_step is not None
+    assert counted.cache_bytes == plain.cache_bytes  # sizes taken before the counted steps grow the cache
+
+
+def test_grid_rows_carry_dispatch_counts_and_the_table_shows_them(model, monkeypatch, tmp_path):
+    import modalkv.bench
+
+    press = get_press("snapkv", budget=0.5, window_size=4)
+    seen = []
+    rows = run_grid(model, prompt_of_length, [press], [40], decode_tokens=3, repeats=2, on_run=seen.append)
+    counted = [run.method for run in seen if run.ops_per_layer_step is not None]
+    assert counted == ["dynamic_cache", press.label()]  # the first round only, never the floor
+    [row] = rows
+    assert row["ops_per_layer_step"] > 0 and row["baseline_ops_per_layer_step"] > 0
+    assert float(row["syncs_per_step"]).is_integer() and float(row["baseline_syncs_per_step"]).is_integer()
+
+    # `modalkv bench` on the tiny model: its random-token prompts instead of the tokenizer's passkey text
+    real_grid = modalkv.bench.run_grid
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: (model, None))
+    monkeypatch.setattr(
+        modalkv.bench, "run_grid", lambda m, _, *rest, **kw: real_grid(m, prompt_of_length, *rest, **kw)
+    )
+    args = ["bench", "--context", "40", "--decode-tokens", "3", "--methods", "snapkv", "--out", tmp_path]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "ops/layer-step" in result.stdout and "syncs/step" in result.stdout
+    [row] = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert f"{row['ops_per_layer_step']:.0f}" in result.stdout
+    result = invoke(*args, "--count-steps", "0")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["ops_per_layer_step"] is None
 
 
 @pytest.mark.slow

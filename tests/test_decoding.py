@@ -7,7 +7,7 @@ from transformers import DynamicCache
 from modalkv import CompressedCache, get_press
 from modalkv.modality import IMAGE
 from modalkv.presses.base import DecodeView
-from modalkv.storage import build_blocks
+from modalkv.storage import RaggedRows
 
 
 @pytest.mark.parametrize("method", ["streaming_llm", "h2o", "tova"])
@@ -95,36 +95,42 @@ def test_h2o_adds_each_new_attention_and_evicts_the_lowest_outside_the_recent_wi
     keys = torch.zeros(2, 6, 4)  # 2 rows (1 batch row x 2 KV heads), 6 tokens
     kept = {"keys": keys, "values": keys.clone(), "columns": torch.arange(6).repeat(2, 1).int()}
     kept["scores"] = torch.tensor([[5.0, 1.0, 3.0, 0.5, 2.0, 0.0], [0.0, 4.0, 1.0, 3.0, 2.0, 0.0]])
-    block = build_blocks(kept, torch.tensor([6, 6]), limits=torch.tensor([4, 4]))[0]
-    block.append({"keys": torch.zeros(2, 1, 4), "values": torch.zeros(2, 1, 4), "columns": torch.tensor([6]).int()})
+    rows = RaggedRows.build(kept, torch.tensor([6, 6]), limits=torch.tensor([4, 4]), reserve=1)
+    rows.append({"keys": torch.zeros(2, 4), "values": torch.zeros(2, 4)}, start_column=6, fill={})
+    rows.unevicted = 3  # built 2 over the limit, then one more
     # Attention of the new token's 2 query heads (G=2) per row over the 7 slots.
     attention = torch.zeros(2, 2, 7)
     attention[0, :, 1] = 1.0  # row 0: token 1 becomes heavy (1 + 1 = 2)
     attention[1, :, 2] = 1.0  # row 1: token 2 becomes 2
     press = get_press("h2o", budget=4)  # recent window = 2 tokens: columns 5 and 6
-    view = DecodeView(None, block, attention, num_kv_heads=2, query_groups=2, seen=7)
+    view = DecodeView(rows, attention, {}, None, num_kv_heads=2, query_groups=2, seen=7)
     press.observe(view)
     scores = press.decode_scores(view)
     assert torch.equal(
-        block.slots["scores"][:, :7],
+        view.slot("scores"),
         kept["scores"].new_tensor([[5.0, 2.0, 3.0, 0.5, 2.0, 0.0, 0.0], [0.0, 4.0, 2.0, 3.0, 2.0, 0.0, 0.0]]),
     )
     # 7 tokens, limit 4: the 3 lowest outside the recent window go
-    block.remove(block.over_limit(scores, *block.excess()))
-    kept_columns = [sorted(block.columns[i, :4].tolist()) for i in range(2)]
-    assert kept_columns == [[0, 2, 5, 6], [1, 3, 5, 6]]
+    rows.evict(torch.nn.functional.pad(scores, (0, rows.layout.page_size - 7), value=float("inf")))
+    assert [sorted(c) for c in layer_columns(rows)] == [[0, 2, 5, 6], [1, 3, 5, 6]]
 
 
-def ragged_block(lengths, limits, seed=0):
-    """A block of rows with the given lengths (columns 0..len-1 per row) and random distinct scores."""
+def layer_columns(rows: RaggedRows) -> list[list[int]]:
+    return [row[:n] for row, n in zip(rows.padded()["columns"].tolist(), rows.lengths.tolist(), strict=True)]
+
+
+def scored_rows(lengths, limits, seed=0):
+    """Rows with the given lengths (columns 0..len-1 per row), values = 2 * keys and random distinct scores."""
     gen = torch.Generator().manual_seed(seed)
-    rows, longest = len(lengths), max(lengths)
-    keys = torch.randn(rows, longest, 4, generator=gen)
-    kept = {"keys": keys, "values": keys * 2, "columns": torch.arange(longest).repeat(rows, 1).int()}
-    kept["scores"] = torch.rand(rows, longest, generator=gen)
-    blocks = build_blocks(kept, torch.tensor(lengths), limits=torch.tensor(limits))
-    assert len(blocks) == 1
-    return blocks[0]
+    keys = torch.randn(4, 10, 4, generator=gen)[
+        : len(lengths), : max(lengths)
+    ]  # row i: the same draw whatever the rest
+    scores = torch.rand(4, 10, generator=gen)[: len(lengths), : max(lengths)]
+    columns = torch.arange(max(lengths)).repeat(len(lengths), 1).int()
+    kept = {"keys": keys, "values": keys * 2, "columns": columns, "scores": scores}
+    rows = RaggedRows.build(kept, torch.tensor(lengths), limits=torch.tensor(limits), reserve=1)
+    rows.unevicted = max(n - k for n, k in zip(lengths, limits, strict=True))  # built over the limits
+    return rows, scores
 
 
 @pytest.mark.parametrize(
@@ -132,32 +138,28 @@ def ragged_block(lengths, limits, seed=0):
     [([9, 9, 9], [8, 8, 8]), ([9, 9, 9], [6, 6, 6]), ([10, 9, 8], [7, 9, 5]), ([10, 9, 8], [9, 8, 7])],
 )
 def test_removal_keeps_each_rows_highest_scores_within_its_limit(lengths, limits):
-    block = ragged_block(lengths, limits)
-    scores = block.slots["scores"][:, : block.max_length].clone()
-    fewest, most = block.excess()
-    overs = [max(0, n - k) for n, k in zip(lengths, limits, strict=True)]
-    assert (fewest, most) == (min(overs), max(overs))
-    expected = [
-        sorted(scores[i, : lengths[i]].topk(min(lengths[i], limits[i])).indices.tolist()) for i in range(len(lengths))
-    ]
-    block.remove(block.over_limit(scores, fewest, most), every_row=fewest == most)
-    assert block.lengths.tolist() == [min(n, k) for n, k in zip(lengths, limits, strict=True)]
-    assert (block.min_length, block.max_length) == (min(block.lengths.tolist()), max(block.lengths.tolist()))
-    for i in range(len(lengths)):  # every slot moved with its key, value and score; columns name the kept tokens
-        columns = block.columns[i, : block.lengths[i]].long()
-        assert sorted(columns.tolist()) == expected[i]
-        assert torch.equal(block.values[i, : block.lengths[i]], 2 * block.keys[i, : block.lengths[i]])
-        assert torch.equal(block.slots["scores"][i, : block.lengths[i]], scores[i, columns])
+    rows, scores = scored_rows(lengths, limits)
+    assert (rows.uniform_length is not None) == (len(set(lengths)) == 1)  # alike rows: one page each, host-known
+    pairs = enumerate(zip(lengths, limits, strict=True))
+    expected = [sorted(scores[i, :n].topk(min(n, k)).indices.tolist()) for i, (n, k) in pairs]
+    rows.evict(rows.pages("scores").clone())
+    assert rows.lengths.tolist() == [min(n, k) for n, k in zip(lengths, limits, strict=True)]
+    padded = rows.padded()
+    for i, columns in enumerate(layer_columns(rows)):  # every slot moved with its key, value and score
+        assert sorted(columns) == expected[i]
+        n = rows.lengths[i]
+        assert torch.equal(padded["values"][i, :n], 2 * padded["keys"][i, :n])
+        assert torch.equal(padded["scores"][i, :n], scores[i, columns])
 
 
-def test_removal_from_every_row_takes_the_path_without_a_host_sync_and_agrees_with_the_general_one():
-    general, uniform = ragged_block([9, 9, 9], [7, 7, 7]), ragged_block([9, 9, 9], [7, 7, 7])
-    scores = general.slots["scores"][:, :9].clone()
-    general.remove(general.over_limit(scores, 2, 2), every_row=False)
-    uniform.remove(uniform.over_limit(scores, 2, 2), every_row=True)
-    for name in general.slots:
-        assert torch.equal(general.slots[name], uniform.slots[name])
-    assert (uniform.min_length, uniform.max_length) == (general.min_length, general.max_length) == (7, 7)
+def test_ragged_and_alike_rows_evict_the_same_tokens():
+    alike, _ = scored_rows([9, 9, 9], [7, 7, 7])
+    ragged, _ = scored_rows([9, 9, 9, 3], [7, 7, 7, 3])  # a short fourth row makes the layout paged
+    assert alike.uniform_length == 9 and ragged.uniform_length is None
+    alike.evict(alike.pages("scores").clone())
+    ragged.evict(ragged.pages("scores").clone())
+    assert [sorted(c) for c in layer_columns(alike)] == [sorted(c) for c in layer_columns(ragged)[:3]]
+    assert alike.uniform_length == 7
 
 
 @pytest.mark.parametrize("method", ["snapkv", "retentivekv", "madakv"])

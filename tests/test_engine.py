@@ -190,7 +190,9 @@ def test_ragged_heads_store_what_each_head_keeps(model, prompt):
         forward_loop(model, prompt, cache, steps=3)
     layer = cache.layers[0]
     assert layer.kept_lengths().tolist() == [[13, 43]]
-    assert len(layer.blocks) == 2  # 10 and 40 tokens are too far apart to share a padded buffer
+    # Unlike rows share one paged buffer: the 10-token row owns fewer pages than the 40-token one.
+    assert layer.rows.uniform_length is None
+    assert layer.rows.layout.capacities[0] < layer.rows.layout.capacities[1]
     seq = prompt.shape[1]
     assert cache.kept_positions()[1][0][0] == list(range(seq - 10, seq + 3))
 
@@ -205,15 +207,11 @@ def test_bytes_are_kept_tokens_and_allocation_is_real(model, prompt):
     assert kept == 2 * 2 * 12  # 2 layers x 2 KV heads x floor(0.25 * 48)
     assert cache.cache_bytes() == kept * per_token
     assert cache.full_cache_bytes() == 2 * 2 * 48 * per_token
-    storage = sum(
-        t.untyped_storage().nbytes()
-        for layer in cache.layers
-        for b in layer.blocks
-        for t in (b.keys, b.values, b.columns)
-    )
+    storage = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in layer.rows.slots.values())
     assert cache.allocated_bytes() == storage
-    # Documented slack right after compression: 16 reserved slots per row, plus an int32 column per slot.
-    assert storage == (kept + 2 * 2 * 16) * (per_token + 4)
+    # Documented slack right after compression: 16 reserved slots per row, rounded up to a page of 8 slots (12 + 16
+    # -> 32), plus an int32 column per slot.
+    assert storage == 2 * 2 * 32 * (per_token + 4)  # 2 layers x 2 rows x 32 slots
 
 
 def test_prefill_keys_are_freed(model, prompt):
@@ -231,15 +229,15 @@ def test_decode_growth_is_amortised(model, prompt):
     cache = CompressedCache(press)
     with press.attach(model):
         model(prompt, past_key_values=cache, use_cache=True)
-        block = cache.layers[0].blocks[0]
-        reallocations, keys = 0, block.keys
+        rows = cache.layers[0].rows
+        reallocations, keys = 0, rows.slots["keys"]
         for _ in range(100):
             model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
-            reallocations += block.keys is not keys
-            keys = block.keys
-    assert block.max_length == 12 + 100
+            reallocations += rows.slots["keys"] is not keys
+            keys = rows.slots["keys"]
+    assert rows.uniform_length == 12 + 100
     assert reallocations <= 6
-    assert block.capacity <= block.max_length * 9 // 8 + 16
+    assert max(rows.layout.capacities) <= rows.uniform_length * 9 // 8 + 16 + 8  # + 1/8, 16 at least, a page
 
 
 def test_bfloat16_keep_all_equals_dynamic_cache_and_bytes_use_two_byte_elements(prompt):
@@ -255,5 +253,5 @@ def test_bfloat16_keep_all_equals_dynamic_cache_and_bytes_use_two_byte_elements(
     compressed = CompressedCache(get_press("snapkv", budget=0.5, window_size=8))
     with compressed.press.attach(model):
         greedy(model, prompt, compressed)
-    assert compressed.layers[0].blocks[0].keys.dtype == torch.bfloat16
+    assert compressed.layers[0].rows.slots["keys"].dtype == torch.bfloat16
     assert compressed.cache_bytes() == 2 * 2 * (24 + 11) * 2 * 16 * 2

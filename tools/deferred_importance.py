@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from modalkv import CompressedCache, get_press, load_model
+from modalkv.compat import CACHE_KWARG
 from modalkv.eval.passkey import passkey_example
 
 ASK = "\nList the facts of the text in order, starting with the colours."
@@ -39,9 +40,9 @@ def teacher_forced(model, ids: torch.Tensor, prompt_len: int, press) -> torch.Te
         return F.log_softmax(logits.float(), -1)
     cache = CompressedCache(press)
     with press.attach(model):
-        logits = [model(ids[:, :prompt_len], past_key_values=cache, logits_to_keep=1).logits[0, -1]]
+        logits = [model(ids[:, :prompt_len], **{CACHE_KWARG: cache}, logits_to_keep=1).logits[0, -1]]
         for column in range(prompt_len, ids.shape[1] - 1):
-            logits.append(model(ids[:, column : column + 1], past_key_values=cache).logits[0, -1])
+            logits.append(model(ids[:, column : column + 1], **{CACHE_KWARG: cache}).logits[0, -1])
     return F.log_softmax(torch.stack(logits).float(), -1)
 
 

@@ -4,6 +4,9 @@ For each context length the uncompressed baseline and each (method, budget) cell
 times, interleaved so that a noisy neighbour slows both; the short-context floor (decoding with a 256-token
 context, where what remains is reading the weights) is measured in the same rounds. Peak memory needs one process
 per cell (the allocator keeps what earlier runs freed): see `prefill_memory.py`.
+
+What a GPU pays per decode step is also counted, on any device (`decode_dispatch`, `modalkv.profiling`): aten
+operations per layer and step (each at most one kernel launch) and host-device synchronisations per step.
 """
 
 from __future__ import annotations
@@ -18,9 +21,33 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from modalkv.cache import CompressedCache
+from modalkv.compat import CACHE_KWARG
 from modalkv.presses import Press
+from modalkv.profiling import DispatchCounter
 
 FLOOR_CONTEXT = 256
+COUNT_STEPS = 4  # decode steps counted at dispatch level per method and context, after the timed ones
+
+
+@dataclass
+class DecodeDispatch:
+    """Aten ops and host syncs of whole-model greedy decode steps (see `modalkv.profiling`)."""
+
+    steps: int
+    layers: int  # num_hidden_layers of the text config
+    ops: int  # over all `steps`
+    syncs: int
+    top_ops: dict[str, float]  # op name -> calls per step, the most frequent first
+    sync_sites: dict[str, float]  # "kind at file:line in function" -> per step
+    report: str  # DispatchCounter.report() per step, with the top ops and where each sync comes from
+
+    @property
+    def ops_per_layer_step(self) -> float:
+        return self.ops / self.steps / self.layers
+
+    @property
+    def syncs_per_step(self) -> float:
+        return self.syncs / self.steps
 
 
 @dataclass
@@ -35,32 +62,98 @@ class Run:
     cache_bytes: int  # KV bytes held after decoding
     full_cache_bytes: int
     memory_bytes: int = 0  # a press's state beside the tokens (RetentiveKV), not in cache_bytes
+    ops_per_layer_step: float | None = None  # aten ops per layer and decode step (None: not counted)
+    syncs_per_step: float | None = None  # host syncs per decode step
+    top_ops: dict[str, float] | None = None  # op name -> calls per step
+    sync_sites: dict[str, float] | None = None  # "kind at file:line in function" -> syncs per step
+
+
+def prefill_logits(model: PreTrainedModel, prompt: torch.Tensor, cache) -> torch.Tensor:
+    """Prefills `cache` with `prompt`; returns the last position's logits [batch, 1, vocab]."""
+    # Only the last position's logits, as generate() asks: the full [S, vocab] logits would dominate prefill.
+    return model(prompt, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1).logits
+
+
+def greedy_step(model: PreTrainedModel, logits: torch.Tensor, cache, counter: DispatchCounter | None = None):
+    """One greedy step: the argmax of `logits` fed back; returns the new last logits. Only the model is counted.
+
+    The token stays on the device: no `.item()`, so feeding it back is no host sync.
+    """
+    token = logits.argmax(-1)
+    with counter if counter is not None else contextlib.nullcontext():
+        output = model(token, **{CACHE_KWARG: cache}, use_cache=True)
+    return output.logits[:, -1:]
 
 
 @torch.no_grad()
-def measure(model: PreTrainedModel, press: Press | None, prompt: torch.Tensor, decode_tokens: int, warmup: int = 2):
-    """Greedy prefill + `decode_tokens` steps; `press=None` is transformers' own DynamicCache (the baseline)."""
+def count_decode(model: PreTrainedModel, cache, logits: torch.Tensor, steps: int, warmup: int = 0) -> DecodeDispatch:
+    """`warmup` uncounted then `steps` counted greedy steps on an already prefilled `cache` (press attached)."""
+    for _ in range(warmup):
+        logits = greedy_step(model, logits, cache)
+    counter = DispatchCounter()
+    for _ in range(steps):
+        logits = greedy_step(model, logits, cache, counter)
+    return DecodeDispatch(
+        steps=steps,
+        layers=model.config.get_text_config().num_hidden_layers,
+        ops=counter.total_ops,
+        syncs=counter.total_syncs,
+        top_ops={name: count / steps for name, count in counter.top_ops(10)},
+        sync_sites={f"{kind} at {site}": n / steps for (kind, site), n in counter.sync_sites.most_common()},
+        report=counter.report(top=10, per=steps),
+    )
+
+
+@torch.no_grad()
+def decode_dispatch(
+    model: PreTrainedModel, press: Press | None, prompt: torch.Tensor, steps: int = COUNT_STEPS, warmup: int = 2
+) -> DecodeDispatch:
+    """Prefills `prompt`, decodes `warmup` steps, then counts aten ops and host syncs over `steps` decode steps.
+
+    `press=None` is transformers' DynamicCache; else a `CompressedCache(press)` with the press attached (a cache
+    alone is not enough: the press routes the model's attention). `.ops_per_layer_step` and `.syncs_per_step` are
+    the headline figures; `.report` says which ops dominate and where the syncs come from.
+    """
+    cache = DynamicCache() if press is None else CompressedCache(press)
+    with contextlib.nullcontext() if press is None else press.attach(model):
+        return count_decode(model, cache, prefill_logits(model, prompt, cache), steps, warmup)
+
+
+@torch.no_grad()
+def measure(
+    model: PreTrainedModel,
+    press: Press | None,
+    prompt: torch.Tensor,
+    decode_tokens: int,
+    warmup: int = 2,
+    count_steps: int = 0,
+):
+    """Greedy prefill + `decode_tokens` steps; `press=None` is transformers' own DynamicCache (the baseline).
+
+    `count_steps` > 0 then counts aten ops and host syncs over that many more steps (`count_decode`), untimed: the
+    timed steps were their warm-up, and the cache sizes are taken before them.
+    """
     cache = DynamicCache() if press is None else CompressedCache(press)
     # GPU kernels run asynchronously: wait for them, or the clock measures only their launch.
     synchronize = torch.cuda.synchronize if prompt.is_cuda else lambda: None
     with contextlib.nullcontext() if press is None else press.attach(model):
         synchronize()
         start = time.perf_counter()
-        # Only the last position's logits, as generate() asks: the full [S, vocab] logits would dominate prefill.
-        logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = prefill_logits(model, prompt, cache)
         synchronize()
         prefill = time.perf_counter() - start
         steps = []
         for _ in range(decode_tokens):
             start = time.perf_counter()
-            logits = model(logits.argmax(-1), past_key_values=cache, use_cache=True).logits[:, -1:]
+            logits = greedy_step(model, logits, cache)
             synchronize()
             steps.append(time.perf_counter() - start)
-    if press is None:
-        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        full_bytes = held
-    else:
-        held, full_bytes = cache.cache_bytes(), cache.full_cache_bytes()
+        if press is None:
+            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            full_bytes, memory = held, 0
+        else:
+            held, full_bytes, memory = cache.cache_bytes(), cache.full_cache_bytes(), cache.memory_bytes()
+        dispatch = count_decode(model, cache, logits, count_steps) if count_steps else None
     return Run(
         method="dynamic_cache" if press is None else press.label(),
         budget=1.0 if press is None else press.budget,
@@ -69,7 +162,11 @@ def measure(model: PreTrainedModel, press: Press | None, prompt: torch.Tensor, d
         decode_ms_per_token=1000 * statistics.median(steps[warmup:] or steps),
         cache_bytes=held,
         full_cache_bytes=full_bytes,
-        memory_bytes=0 if press is None else cache.memory_bytes(),
+        memory_bytes=memory,
+        ops_per_layer_step=dispatch and dispatch.ops_per_layer_step,
+        syncs_per_step=dispatch and dispatch.syncs_per_step,
+        top_ops=dispatch and dispatch.top_ops,
+        sync_sites=dispatch and dispatch.sync_sites,
     )
 
 
@@ -81,17 +178,24 @@ def run_grid(
     decode_tokens: int,
     repeats: int = 1,
     on_run: Callable[[Run], None] | None = None,
+    count_steps: int = COUNT_STEPS,
 ) -> list[dict]:
-    """Runs every press at every context against the baseline and the floor, interleaved; returns summary rows."""
+    """Runs every press at every context against the baseline and the floor, interleaved; returns summary rows.
+
+    The first round of each context also counts aten ops and host syncs over `count_steps` untimed decode steps
+    after the timed ones (0: not counted) for the baseline and every press: `ops_per_layer_step`, `syncs_per_step`
+    (and the baseline's as `baseline_ops_per_layer_step`, `baseline_syncs_per_step`).
+    """
     rows = []
     for context in contexts:
         prompt, floor_prompt = prompt_of_length(context), prompt_of_length(FLOOR_CONTEXT)
         runs: dict[str, list[Run]] = {}
-        for _ in range(repeats):
+        for round_ in range(repeats):
             for key, press, tokens in [("baseline", None, prompt), ("floor", None, floor_prompt)] + [
                 (press.label() + f"@{press.budget}", press, prompt) for press in presses
             ]:
-                run = measure(model, press, tokens, decode_tokens)
+                count = count_steps if round_ == 0 and key != "floor" else 0
+                run = measure(model, press, tokens, decode_tokens, count_steps=count)
                 runs.setdefault(key, []).append(run)
                 if on_run is not None:
                     on_run(run)
@@ -104,6 +208,8 @@ def run_grid(
                 "decode_ms_per_token": ms,
                 "prefill_seconds": statistics.median(r.prefill_seconds for r in cell),
                 "baseline_ms_per_token": baseline_ms,
+                "baseline_ops_per_layer_step": baseline[0].ops_per_layer_step,
+                "baseline_syncs_per_step": baseline[0].syncs_per_step,
                 "floor_ms_per_token": floor_ms,
                 "decode_speedup": baseline_ms / ms,
                 "vs_floor": ms / floor_ms,

@@ -1,23 +1,24 @@
-"""A transformers `Cache` that stores, per batch row and KV head, only the tokens a press keeps.
+"""A transformers `Cache` that stores, per batch row and KV head, only the tokens a press keeps, and owns a layer's
+decoding step.
 
-The storage itself (ragged rows in padded blocks, bounded slack, amortised growth) is in `storage.py`; this module
-is the transformers side: the cache and layer contract, the logical length, byte accounting, beam reordering, and
-the hand-off to the attention function.
+The storage itself (ragged rows in paged buffers, bounded slack, amortised growth) is in `storage.py`; this module is
+the transformers side -- the cache and layer contract, the logical length, byte accounting, beam reordering -- and the
+protocol around the press (`policy.py`): a layer stores the press's selection at prefill, and runs each later forward
+as one step: append, attention (`kernels.py`), the press's memory read-out, the press's decode-time eviction.
 """
 
 from __future__ import annotations
 
-import contextvars
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from modalkv.storage import RowBlock, build_blocks
-
-if TYPE_CHECKING:
-    from modalkv.presses.base import Press, Selection
+from modalkv.kernels import ragged_attention
+from modalkv.modality import check_modality, check_patches, infer_patches
+from modalkv.policy import DecodeView, LeavingTokens, Policy, PrefillInputs
+from modalkv.storage import GROWTH_MIN, RaggedRows
 
 
 @dataclass
@@ -31,17 +32,23 @@ class PendingUpdate:
     start_column: int  # sequence column of the first new token
 
 
-# Set by `update()`, consumed by the attention function of the same layer right after: the only link between the
-# cache and attention, since transformers passes neither the cache nor unknown kwargs to attention functions.
-_pending: contextvars.ContextVar[PendingUpdate | None] = contextvars.ContextVar("modalkv_pending", default=None)
+class _PendingSlot(threading.local):
+    """Set by `update()`, consumed by the attention function of the same layer right after: the only link between
+    the cache and attention, since transformers passes neither the cache nor unknown kwargs to attention functions.
+    Per thread, and a plain attribute that torch.compile traces (a ContextVar would break its graph)."""
+
+    update: PendingUpdate | None = None
+
+
+_pending = _PendingSlot()
 
 
 def take_pending(layer_idx: int) -> PendingUpdate | None:
     """Returns and clears the update left by a compressed layer for `layer_idx`, or None if there is none."""
-    pending = _pending.get()
+    pending = _pending.update
     if pending is None:
         return None
-    _pending.set(None)
+    _pending.update = None
     if pending.layer_idx != layer_idx:
         raise RuntimeError(
             f"modalkv attention ran for layer {layer_idx} right after the cache was updated for layer "
@@ -62,7 +69,7 @@ class CompressedLayer(CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.seen = 0  # logical length: sequence columns seen, padding included
-        self.blocks: list[RowBlock] = []
+        self.rows: RaggedRows | None = None  # None until the prefill is stored
         self.memory: dict[str, torch.Tensor] = {}  # a press's per-row state beside the tokens ([B * H_kv, ...])
         self.batch_size = 0
         self.num_kv_heads = 0
@@ -75,7 +82,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Registers new tokens for the attention call that follows; storage happens there (see `attention.py`)."""
-        stale = _pending.get()
+        stale = _pending.update
         if stale is not None and stale.layer.cache is self.cache:
             raise RuntimeError(
                 f"the cache update for layer {stale.layer_idx} was never consumed by modalkv attention: the model's "
@@ -83,17 +90,20 @@ class CompressedLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        _pending.set(PendingUpdate(self, self.layer_idx, key_states, value_states, self.seen))
+        _pending.update = PendingUpdate(self, self.layer_idx, key_states, value_states, self.seen)
         self.seen += key_states.shape[-2]
         return key_states, value_states
 
-    # -- storage -------------------------------------------------------------------------------------------------
+    # -- prefill and decoding -----------------------------------------------------------------------------------
 
-    def store_prefill(self, keys: torch.Tensor, values: torch.Tensor, selection: Selection) -> None:
-        """Stores the kept tokens of a prefill. keys, values: [B, H_kv, S, D], the whole prefill of this layer."""
-        batch, heads, seq, dim = keys.shape
+    def store_prefill(self, inputs: PrefillInputs) -> None:
+        """Stores what the press keeps of this layer's prefill (inputs.keys/values: [B, H_kv, S, D])."""
+        press = self.cache.press
+        selection = press.select(inputs)
+        batch, heads, seq, dim = inputs.keys.shape
         flat_idx = selection.indices.reshape(batch * heads, -1)
         gather_idx = flat_idx[..., None].expand(-1, -1, dim)
+        keys, values = inputs.keys, inputs.values
         if selection.keys is not None:  # a merging press replaced some kept keys and values
             keys, values = selection.keys, selection.values
         kept = {
@@ -101,41 +111,73 @@ class CompressedLayer(CacheLayerMixin):
             "values": values.reshape(batch * heads, seq, dim).gather(1, gather_idx),
             "columns": flat_idx.to(torch.int32),
         }
-        if selection.running_scores is not None:
-            kept["scores"] = selection.running_scores.reshape(batch * heads, seq).gather(1, flat_idx)
+        for name, data in selection.slot_data.items():
+            kept[name] = data.reshape(batch * heads, seq).gather(1, flat_idx)
         lengths = selection.lengths.reshape(-1).to(torch.long)
-        budget, limits = self.cache.press.budget, None
-        if self.cache.press.evict_every and budget != 1:  # rows stay at their budget while decoding
+        budget, limits, reserve = press.budget, None, self.cache.reserve
+        if press.evict_every and budget != 1:  # rows stay at their budget while decoding
             limits = torch.full_like(lengths, int(budget)) if budget > 1 else lengths.clone()
-        self.blocks = build_blocks(kept, lengths, limits)
+            reserve = press.evict_every
+        self.rows = RaggedRows.build(kept, lengths, limits, reserve)
         self.memory = selection.memory
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, start_column: int) -> None:
-        """Appends new tokens [B, H_kv, q, D] to every row (decoding, or a follow-up forward)."""
-        batch, heads, q, dim = keys.shape
-        flat = {"keys": keys.reshape(batch * heads, q, dim), "values": values.reshape(batch * heads, q, dim)}
-        columns = torch.arange(start_column, start_column + q, device=keys.device, dtype=torch.int32)
-        for block in self.blocks:
-            rows = {name: t[block.index] for name, t in flat.items()}
-            block.append({**rows, "columns": columns})
+    def decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One forward's new tokens on a stored layer: append, attend, read the memory, evict.
+
+        query: [B, H, q, D]; keys, values: [B, H_kv, q, D], rotated. Returns [B, q, H, D]."""
+        press, rows = self.cache.press, self.rows
+        batch, num_heads, q, dim = query.shape
+        num_rows, groups = batch * self.num_kv_heads, num_heads // self.num_kv_heads
+        start_column = self.seen - q
+        rows.append({"keys": keys.reshape(-1, dim), "values": values.reshape(-1, dim)}, start_column, press.decode_fill)
+        # Stacked queries [R, G * q, D]: a row's G query heads, each with its q tokens (one token: a view).
+        queries = query.reshape(num_rows, groups * q, dim)
+        query_columns = start_column  # one new token sees everything stored; several attend causally among themselves
+        if q > 1:
+            query_columns = torch.arange(start_column, self.seen, device=query.device, dtype=torch.int32).repeat(groups)
+        evicting = rows.limits is not None
+        with_weights = (evicting or bool(self.memory)) and press.needs_decode_attention
+        result = ragged_attention(rows, queries, scaling, query_columns, with_weights)
+        output = result.output
+        if self.memory or evicting:
+            view = DecodeView(
+                rows, result.weights, self.memory, self.cache.modality, self.num_kv_heads, groups, self.seen
+            )
+            if self.memory:
+                output = press.read_memory(view, queries, output, result.log_mass)
+            if evicting:
+                press.observe(view)
+                if rows.unevicted >= press.evict_every:
+                    rows.evict(press.decode_scores(view), self._absorb(view) if self.memory else None)
+        if q == 1:  # [R, G, D] is already [B, 1, H, D] in memory
+            return output.view(batch, 1, num_heads, dim)
+        return output.view(batch, num_heads, q, dim).transpose(1, 2)
+
+    def _absorb(self, view: DecodeView):
+        """The storage's release hook: gathers each leaving token and hands it to the press's memory."""
+        rows = self.rows
+
+        def release(slot: torch.Tensor, leaving: torch.Tensor | None) -> None:
+            tokens = LeavingTokens(
+                rows.slots["keys"].index_select(0, slot), rows.slots["values"].index_select(0, slot), slot, leaving
+            )
+            self.cache.press.absorb(view, tokens)
+
+        return release
 
     # -- accounting ----------------------------------------------------------------------------------------------
 
     def kept_lengths(self) -> torch.Tensor:
         """[B, H_kv] number of tokens stored per row."""
-        lengths = torch.zeros(self.batch_size * self.num_kv_heads, dtype=torch.long)
-        for block in self.blocks:
-            lengths[block.rows.cpu()] = block.lengths.cpu()
-        return lengths.view(self.batch_size, self.num_kv_heads)
+        return self.rows.lengths.cpu().view(self.batch_size, self.num_kv_heads)
 
     def kept_columns(self) -> list[list[list[int]]]:
         """Sorted sequence columns stored per batch row and KV head."""
-        per_row: dict[int, list[int]] = {}
-        for block in self.blocks:
-            for i, row in enumerate(block.rows.tolist()):
-                per_row[row] = sorted(block.columns[i, : int(block.lengths[i])].tolist())
+        columns = self.rows.padded()["columns"].tolist()
+        lengths = self.rows.lengths.tolist()
+        per_row = [sorted(row[:n]) for row, n in zip(columns, lengths, strict=True)]
         heads = self.num_kv_heads
-        return [[per_row.get(b * heads + h, []) for h in range(heads)] for b in range(self.batch_size)]
+        return [per_row[b * heads : (b + 1) * heads] for b in range(self.batch_size)]
 
     def bytes_per_token(self) -> int:
         """Bytes of one token's key and value in one KV head."""
@@ -143,11 +185,11 @@ class CompressedLayer(CacheLayerMixin):
 
     def cache_bytes(self) -> int:
         """Bytes of the kept keys and values (what the storage must hold, without slack)."""
-        return int(self.kept_lengths().sum()) * self.bytes_per_token() if self.is_initialized else 0
+        return int(self.kept_lengths().sum()) * self.bytes_per_token() if self.rows is not None else 0
 
     def allocated_bytes(self) -> int:
         """Bytes actually allocated: kept tokens plus padding, growth reserve and the int32 columns."""
-        return sum(block.nbytes() for block in self.blocks)
+        return self.rows.nbytes() if self.rows is not None else 0
 
     def memory_bytes(self) -> int:
         """Bytes of the press's state beside the tokens (RetentiveKV's state matrices); not in `cache_bytes`."""
@@ -174,7 +216,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.seen = 0
-        self.blocks = []
+        self.rows = None
         self.memory = {}
         self.is_initialized = False
 
@@ -187,18 +229,11 @@ class CompressedLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """New batch row i is old row indices[i] (beam search reorders and duplicates rows this way)."""
         heads = self.num_kv_heads
-        new_rows = torch.arange(len(indices) * heads)
-        source_rows = indices.cpu().repeat_interleave(heads) * heads + torch.arange(heads).repeat(len(indices))
-        blocks = []
-        for block in self.blocks:
-            local = torch.full((self.batch_size * heads,), -1, dtype=torch.long)
-            local[block.rows.cpu()] = torch.arange(len(block.rows))
-            picked = local[source_rows]
-            take = picked >= 0
-            if take.any():
-                device = block.keys.device
-                blocks.append(block.take_rows(picked[take].to(device), new_rows[take].to(device)))
-        self.blocks = blocks
+        source_rows = indices.repeat_interleave(heads) * heads + torch.arange(heads, device=indices.device).repeat(
+            len(indices)
+        )
+        if self.rows is not None:
+            self.rows = self.rows.select_rows(source_rows.to(self.rows.lengths.device))
         self.memory = {name: state[source_rows.to(state.device)] for name, state in self.memory.items()}
         self.batch_size = len(indices)
 
@@ -218,14 +253,38 @@ class CompressedCache(Cache):
         press: the method that picks which tokens each layer and KV head keeps.
         modality: [B, S] the prompt's modality map (`modality.py`), for presses that read it; None: all text.
         patches: [B, S, 3] the prompt's patch map (`modality.py`); None: inferred from `modality` when needed.
+        reserve: free slots per row after the prefill, for the tokens decoded without eviction (rows grow by 1/8
+            when full; reserving the whole generation keeps decoding shapes static, e.g. under torch.compile).
     """
 
-    def __init__(self, press: Press, modality: torch.Tensor | None = None, patches: torch.Tensor | None = None):
+    def __init__(
+        self,
+        press: Policy,
+        modality: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        reserve: int = GROWTH_MIN,
+    ):
         super().__init__(layers=[])
         self.press = press
         self.modality = modality
         self.patches = patches
+        self.reserve = reserve
         self.press_state: dict = {}  # what a press carries from one layer's prefill to the next (e.g. budgets)
+        self.maps_checked: tuple | None = None  # the prefill shape the maps were last checked against
+
+    def prefill_maps(self, batch: int, seq: int, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        """The prompt's modality and patch maps on `device`, checked against the prefill's shape once (at its first
+        layer) and kept for the others."""
+        if self.modality is None:
+            if self.patches is not None:
+                raise ValueError("a patch map was given without a modality map")
+            return None, None
+        if self.maps_checked != (batch, seq, device):
+            self.modality = check_modality(self.modality.to(device), batch, seq)
+            patches = infer_patches(self.modality) if self.patches is None else self.patches.to(device)
+            self.patches = check_patches(patches, self.modality)
+            self.maps_checked = (batch, seq, device)
+        return self.modality, self.patches
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -248,6 +307,7 @@ class CompressedCache(Cache):
 
     def select_map_rows(self, indices: torch.Tensor) -> None:
         """New row i of the modality and patch maps is old row indices[i]."""
+        self.maps_checked = None
         if self.modality is not None:
             self.modality = self.modality[indices.to(self.modality.device)]
         if self.patches is not None:

@@ -15,17 +15,18 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from modalkv.api import check_prompt_length
 from modalkv.cache import CompressedCache
+from modalkv.cli_common import console, fail, parse_budget, parse_params
+from modalkv.compat import CACHE_KWARG
 from modalkv.eval.cli import eval_command, report_command
 from modalkv.generation import encode_prompt, generate_timed
 from modalkv.modality import modality_from_input_ids
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
 from modalkv.multimodal import encode_multimodal, is_processor
 from modalkv.presses import PRESSES, Press, get_press
-from modalkv.presses.base import check_prompt_length
 
 app = typer.Typer(help="KV-cache compression for multimodal and text LLMs.", no_args_is_help=True)
-console = Console(stderr=True)
 
 ModelOption = Annotated[str, typer.Option(help="embedded model name, local folder or hub id")]
 MethodOption = Annotated[str, typer.Option(help=f"one of: {', '.join(PRESSES)}, adakv:<method> (see `methods`)")]
@@ -47,34 +48,6 @@ ParamOption = Annotated[
 ImageOption = Annotated[
     list[Path] | None, typer.Option(help="image file for a vision-language model (repeatable, in prompt order)")
 ]
-
-
-def parse_budget(text: str) -> float | int:
-    """'0.2' -> 0.2, '512' -> 512; the press validates the range."""
-    try:
-        number = float(text)
-    except ValueError:
-        raise typer.BadParameter(f"budget must be a number, got {text!r}") from None
-    return int(number) if number > 1 and number.is_integer() else number
-
-
-def parse_params(items: list[str] | None) -> dict[str, bool | int | float | str]:
-    """['kernel_size=7', 'pooling=max', 'evict_every=0'] -> {'kernel_size': 7, 'pooling': 'max', ...}."""
-    params: dict[str, bool | int | float | str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"method parameters are KEY=VALUE, got {item!r}")
-        if value.lower() in ("true", "false"):
-            params[key] = value.lower() == "true"
-            continue
-        for kind in (int, float):
-            try:
-                params[key] = kind(value)
-                break
-            except ValueError:
-                params[key] = value
-    return params
 
 
 def make_press(method: str, budget: str, params: list[str] | None):
@@ -173,18 +146,13 @@ def prefill(
     check_prompt_length(lm, inputs["input_ids"].shape[1])
     cache = CompressedCache(press, modality=modality, patches=inputs.pop("patches", None))
     with console.status(f"prefill of {inputs['input_ids'].shape[1]} tokens"), press.attach(lm), torch.no_grad():
-        lm(**inputs, past_key_values=cache, use_cache=True)
+        lm(**inputs, **{CACHE_KWARG: cache}, use_cache=True)
     return cache, inputs["input_ids"].shape[1], modality
 
 
 def modality_codes(modality: torch.Tensor | None, prompt_tokens: int) -> list[int]:
     """The prompt's modality code per token (0 text, 1 image, 2 video), all text without a map."""
     return modality[0].tolist() if modality is not None else [0] * prompt_tokens
-
-
-def fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}")
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -334,6 +302,8 @@ BENCH_COLUMNS = [
     ("vs 256-token floor", lambda row: f"{row['vs_floor']:.2f}"),
     ("cache ratio", lambda row: f"{row['cache_ratio']:.3f}"),
     ("prefill s", lambda row: f"{row['prefill_seconds']:.2f}"),
+    ("ops/layer-step", lambda row: "-" if row["ops_per_layer_step"] is None else f"{row['ops_per_layer_step']:.0f}"),
+    ("syncs/step", lambda row: "-" if row["syncs_per_step"] is None else f"{row['syncs_per_step']:g}"),
 ]
 
 
@@ -355,6 +325,14 @@ def bench(
     dtype: DtypeOption = "float32",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
     memory: Annotated[bool, typer.Option(help="also measure prefill peak memory, one fresh process per cell")] = False,
+    count_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="untimed decode steps after the timed ones over which aten ops per layer-step and host syncs per "
+            "step are counted, per method and context (0: not counted)",
+        ),
+    ] = 4,
     param: Annotated[
         list[str] | None,
         typer.Option("--param", "-p", help="method parameter KEY=VALUE, given to every method that has it"),
@@ -393,6 +371,7 @@ def bench(
             decode_tokens,
             repeats,
             on_run=lambda run: progress.update(task, advance=1, description=f"{run.method} at {run.context}"),
+            count_steps=count_steps,
         )
     if memory:
         from modalkv.prefill_memory import measure_in_subprocess

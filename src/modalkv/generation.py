@@ -10,6 +10,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from modalkv.cache import CompressedCache
+from modalkv.compat import CACHE_KWARG
 from modalkv.presses import Press
 
 
@@ -72,7 +73,7 @@ def generate_timed(
         model,
         modality=modality,
         **inputs,
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         do_sample=False,

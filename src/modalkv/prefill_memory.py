@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from modalkv.cache import CompressedCache
+from modalkv.compat import CACHE_KWARG
 from modalkv.models import load_model, parse_dtype
 from modalkv.presses import get_press
 
@@ -44,7 +45,7 @@ def prefill_peak(model, press, context: int) -> dict:
     sampler.start()
     with torch.no_grad(), press.attach(model) if press is not None else torch.no_grad():
         # Logits for the last position only, as generate() asks: [S, vocab] logits would dwarf the cache.
-        model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(prompt, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     stop.set()
     sampler.join()
     peak = max(peak, resident_bytes())

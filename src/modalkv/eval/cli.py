@@ -12,21 +12,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from modalkv.cli_common import console, fail, parse_budget, parse_params
 from modalkv.eval import report, runner
 from modalkv.eval.tasks import Failure, build_task
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
 
-console = Console(stderr=True)
-
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _budget(text: str) -> float | int:
-    from modalkv.cli import parse_budget
-
-    return parse_budget(text)
 
 
 def _task_options(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -80,12 +73,10 @@ def eval_command(
     import torch
     from accelerate import PartialState
 
-    from modalkv.cli import fail, parse_params
-
     # Without CUDA, processes started by torchrun talk over gloo only if accelerate is told it is on the CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
-        presses = runner.make_presses(_split(methods), [_budget(b) for b in _split(budgets)], parse_params(param))
+        presses = runner.make_presses(_split(methods), [parse_budget(b) for b in _split(budgets)], parse_params(param))
         options = _task_options(task_option)
         specs = _split(tasks)
         built = [build_task(spec, options.pop(spec.partition(":")[0], {})) for spec in specs]
@@ -154,11 +145,9 @@ def report_command(
     ] = None,
 ) -> None:
     """Re-summarise a run from its JSONL records (every rank's file, merged): table, figures, results page."""
-    from modalkv.cli import fail
-
     try:
         summary = report.load_summary(run_dir)
-        budget = None if bar_budget is None else _budget(bar_budget)
+        budget = None if bar_budget is None else parse_budget(bar_budget)
         print_summary(summary, str(run_dir))
         if plots:
             paths = report.write_figures(summary, run_dir / "plots", budget)

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from modalkv.api import check_prompt_length
 from modalkv.cache import CompressedCache
+from modalkv.compat import CACHE_KWARG
 from modalkv.eval.tasks import Example, Failure, Outcome, tokenizer_of
 from modalkv.presses import Press
-from modalkv.presses.base import check_prompt_length
 
 TEXT = Path(__file__).parent / "data" / "python_reference.txt"
 
@@ -85,11 +86,11 @@ class FidelityTask:
         steps = []
         with press.attach(model):
             start = time.perf_counter()
-            logits = [model(ids[:, : self.context_tokens], past_key_values=cache, logits_to_keep=1).logits[0, -1]]
+            logits = [model(ids[:, : self.context_tokens], **{CACHE_KWARG: cache}, logits_to_keep=1).logits[0, -1]]
             prefill_seconds = time.perf_counter() - start
             for column in range(self.context_tokens, ids.shape[1] - 1):
                 start = time.perf_counter()
-                logits.append(model(ids[:, column : column + 1], past_key_values=cache).logits[0, -1])
+                logits.append(model(ids[:, column : column + 1], **{CACHE_KWARG: cache}).logits[0, -1])
                 steps.append(time.perf_counter() - start)
         compressed = F.log_softmax(torch.stack(logits).float(), dim=-1)  # [T, V]
         kl = (full.exp() * (full - compressed)).sum(-1).mean().item()

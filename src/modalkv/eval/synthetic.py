@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from transformers import PreTrainedModel
 
+from modalkv.api import check_prompt_length
 from modalkv.cache import CompressedCache
+from modalkv.compat import CACHE_KWARG
 from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, Outcome, encode_example, tokenizer_of
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
-from modalkv.presses.base import check_prompt_length
 from modalkv.presses.full import FullPress
 
 FAMILIES = ("deferred", "spatial", "distractor")
@@ -192,11 +193,11 @@ def option_log_likelihoods(
     cache = CompressedCache(press, modality=modality, patches=patches)
     with press.attach(model):
         start = time.perf_counter()
-        logits = model(**inputs, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
         prefill_seconds = time.perf_counter() - start
         if prefix:
             ids = torch.tensor([prefix], device=device)
-            logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=ids, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
         cache_bytes, full_cache_bytes = cache.cache_bytes(), cache.full_cache_bytes()
         first = F.log_softmax(logits[0].float(), dim=-1)
         scores = first[torch.tensor([option[0] for option in options], device=device)]
@@ -206,7 +207,7 @@ def option_log_likelihoods(
             fed = torch.tensor([o[:-1] + [o[-1]] * (width - len(o)) for o in options], device=device)
             wanted = torch.tensor([o[1:] + [o[-1]] * (width - len(o)) for o in options], device=device)
             real = torch.tensor([[k < len(o) - 1 for k in range(width - 1)] for o in options], device=device)
-            log_probs = F.log_softmax(model(input_ids=fed, past_key_values=cache).logits.float(), dim=-1)
+            log_probs = F.log_softmax(model(input_ids=fed, **{CACHE_KWARG: cache}).logits.float(), dim=-1)
             scores = scores + (log_probs.gather(-1, wanted[..., None])[..., 0] * real).sum(-1)
     return OptionScores(scores.cpu(), prompt.shape[1], cache_bytes, full_cache_bytes, prefill_seconds)
 

@@ -61,12 +61,9 @@ class H2OPress(Press):
 
     def observe(self, view: DecodeView) -> None:
         # The new queries' attention, summed over them and averaged over the group, joins every slot's total.
-        view.block.slots["scores"][:, : view.block.max_length] += view.attention.sum(dim=1) / view.query_groups
+        view.slot("scores").add_(view.attention.sum(dim=1), alpha=1 / view.query_groups)
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        block = view.block
-        length = block.max_length
-        scores = block.slots["scores"][:, :length]
-        recent = (block.limits * self.recent_ratio).long()  # [n]
-        is_recent = block.columns[:, :length] >= view.seen - recent[:, None]
-        return scores.masked_fill(is_recent, float("inf"))
+        recent = view.constant("h2o.recent", lambda: (view.page_limits() * self.recent_ratio).long())  # [pages, 1]
+        is_recent = view.slot("columns") >= view.seen - recent
+        return view.slot("scores").masked_fill(is_recent, float("inf"))

@@ -22,4 +22,4 @@ class KnormPress(Press):
         return -inputs.keys.float().norm(dim=-1)  # [B, H_kv, S]
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        return -view.block.keys[:, : view.block.max_length].float().norm(dim=-1)
+        return -view.slot("keys").float().norm(dim=-1)

@@ -33,7 +33,8 @@ class RandomPress(Press):
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         # With `evict_every`: a fresh draw per eviction, reproducible from (seed, tokens seen).
         seed = None if self.seed is None else hash((self.seed, view.seen)) % 2**63
-        return self._draw((len(view.block.rows), view.block.max_length), seed).to(view.block.keys.device)
+        keys = view.slot("keys")
+        return self._draw(keys.shape[:2], seed).to(keys.device)
 
     @staticmethod
     def _draw(shape: tuple[int, ...], seed: int | None) -> torch.Tensor:

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from modalkv.modality import TEXT, infer_patches
-from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection, selection_from_mask
+from modalkv.presses.base import DecodeView, LeavingTokens, PrefillInputs, Press, Selection, selection_from_mask
 from modalkv.presses.madakv import top_within
 from modalkv.presses.snapkv import window_logits
-from modalkv.storage import RowBlock
-
-if TYPE_CHECKING:
-    from modalkv.cache import CompressedLayer
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +149,9 @@ class RetentiveKVPress(Press):
         threshold = torch.nanquantile(retention.masked_fill(~evicted, float("nan")), self.absorb_quantile, dim=-1)
         absorbed = evicted & (retention >= threshold.nan_to_num(float("inf"))[..., None])
         selection = selection_from_mask(keep)
-        selection.running_scores = alpha
+        selection.slot_data["scores"] = alpha
+        if inputs.modality is not None:  # which stored tokens are image or video ones (decoded tokens are text)
+            selection.slot_data["visual"] = (inputs.modality != TEXT)[:, None].expand_as(alpha)
         selection.memory = self.memory(inputs, alpha, entropy, keep, absorbed, probabilities, log_mass, asks)
         return selection
 
@@ -212,7 +209,7 @@ class RetentiveKVPress(Press):
             states["visual"] = absorb(inputs.keys, inputs.values, visual_weights)
             weights = weights + visual_weights
         scale = self.calibration(inputs, weights, absorbed, probabilities, log_mass, asks)
-        memory = {"scale": scale.reshape(batch * heads)}
+        memory = {"log_scale": scale.reshape(batch * heads, 1, 1).clamp(min=1e-30).log()}
         for name, state in states.items():
             memory[name] = state.reshape(batch * heads, dim, dim + 1)
         return memory
@@ -262,94 +259,86 @@ class RetentiveKVPress(Press):
 
     def observe(self, view: DecodeView) -> None:
         # An exponential moving average (span `window_size`) of the attention each stored token receives.
-        rate = 1 / self.window_size
-        scores = view.block.slots["scores"][:, : view.block.max_length]
-        scores.mul_(1 - rate).add_(view.attention.mean(dim=1), alpha=rate)
+        view.slot("scores").lerp_(view.attention.mean(dim=1), 1 / self.window_size)
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        block, length = view.block, view.block.max_length
-        in_window = block.columns[:, :length] >= view.seen - self.window_size
-        return block.slots["scores"][:, :length].masked_fill(in_window, float("inf"))
+        in_window = view.slot("columns") >= view.seen - self.window_size
+        return view.slot("scores").masked_fill(in_window, float("inf"))
 
-    def release(self, view: DecodeView, slots: torch.Tensor) -> None:
-        """Absorbs the leaving tokens [n, m] into the recall state (image patches into the visual state), each with
-        a = 1 and h = the decay at average entropy, in one step for all m: S <- h^J S + sum_j h^(J_j) phi(k_j)^T v_j,
-        J the tokens joining the state, J_j those joining after token j. Rows that release nothing are untouched
+    def absorb(self, view: DecodeView, tokens: LeavingTokens) -> None:
+        """Absorbs a leaving token per row into the recall state (image patches into the visual state) with a = 1
+        and h = the decay at average entropy: S <- h S + phi(k)^T v. Rows that release nothing are untouched
         (weight 0, decay 1): no boolean indexing, no host sync."""
-        memory, block = view.layer.memory, view.block
-        if not memory:
-            return
+        memory = view.memory
         retain = 1 / (1 + math.exp(-self.decay_bias))
-        rows, count = slots.shape
-        dim = block.keys.shape[-1]
-        where = (torch.arange(rows, device=slots.device)[:, None] * block.capacity + slots.clamp(min=0)).flatten()
-        phi = feature_map(block.keys.view(-1, dim).index_select(0, where)).view(rows, count, dim)
-        value = with_one(block.values.view(-1, dim).index_select(0, where)).view(rows, count, dim + 1)
-        leaving = slots >= 0
-        visual = self.visual_slots(view.layer, block, slots.clamp(min=0)) if "visual" in memory else None
-        for name in ("recall", "visual") if visual is not None else ("recall",):
-            joins = (leaving if visual is None else leaving & (visual == (name == "visual"))).float()
-            # Token j decays once for each token that joins the same state after it.
-            weights = joins * retain ** (joins.flip(-1).cumsum(-1).flip(-1) - joins) if count > 1 else joins
-            update = (phi * weights[..., None]).transpose(1, 2) @ value  # [n, D, D + 1]
-            decay = (retain ** joins.sum(-1))[:, None, None]
-            state = memory[name]
-            if block.span is not None:  # a view: updated in place
-                state[block.span].mul_(decay).add_(update)
-            else:
-                state[block.rows] = state[block.rows] * decay + update
+        phi, value = (
+            feature_map(tokens.keys)[:, :, None],
+            with_one(tokens.values)[:, None, :],
+        )  # [R, D, 1], [R, 1, D + 1]
+        if tokens.leaving is None and "visual" not in memory:  # every row's token joins the one state
+            memory["recall"].baddbmm_(phi, value, beta=retain)
+            return
+        joins = torch.ones_like(tokens.slot, dtype=torch.float32) if tokens.leaving is None else tokens.leaving.float()
+        if "visual" in memory:
+            visual = view.rows.slots["visual"].index_select(0, tokens.slot).float()
+            self.join(memory["visual"], phi, value, joins * visual, retain)
+            joins = joins * (1 - visual)
+        self.join(memory["recall"], phi, value, joins, retain)
 
-    def visual_slots(self, layer: CompressedLayer, block: RowBlock, slots: torch.Tensor) -> torch.Tensor:
-        """[n, m] bool: whether the tokens in `slots` [n, m] of `block` are image or video tokens of the prompt."""
-        modality = layer.cache.modality
-        if modality is None:
-            return torch.zeros_like(slots, dtype=torch.bool)
-        columns = block.columns.gather(1, slots).long()
-        batch_rows = (block.rows // layer.num_kv_heads)[:, None].expand_as(columns)
-        in_prompt = columns < modality.shape[1]
-        codes = modality.to(columns.device)[batch_rows, columns.clamp(max=modality.shape[1] - 1)]
-        return in_prompt & (codes != TEXT)
+    @staticmethod
+    def join(state: torch.Tensor, phi: torch.Tensor, value: torch.Tensor, joins: torch.Tensor, retain: float) -> None:
+        """state [R, D, D + 1] <- h^j state + j phi^T value, j [R] in {0, 1}."""
+        joins = joins[:, None, None]
+        state.mul_(1 - (1 - retain) * joins).baddbmm_(phi * joins, value)  # decay: retain where a token joins, else 1
 
-    def read_memory(self, layer, query, output, attention, log_masses) -> torch.Tensor:
+    def read_memory(self, view, queries, output, log_mass) -> torch.Tensor:
         if not self.readout:
             return output
-        batch, num_heads, q, dim = query.shape
-        rows, groups = batch * layer.num_kv_heads, num_heads // layer.num_kv_heads
-        memory = layer.memory
+        dim = queries.shape[-1]
+        memory = view.memory
         state = memory["recall"] + memory["visual"] if "visual" in memory else memory["recall"]
-        phi = feature_map(query.reshape(rows, groups * q, dim))
-        read = phi @ state  # [R, G * q, D + 1]: phi(q) S and phi(q) . z
-        numerator, denominator = read[..., :dim], read[..., dim].clamp(min=1e-30)
-        if len(layer.blocks) == 1:  # one block holds every row, in order
-            log_mass = log_masses[0].float()
-            uncertainty = self.query_entropy(layer, layer.blocks[0], attention[0].float())
-        else:
-            log_mass, uncertainty = phi.new_zeros(rows, groups * q), phi.new_zeros(rows, groups * q)
-            for block, weights, block_mass in zip(layer.blocks, attention, log_masses, strict=True):
-                log_mass[block.index] = block_mass.float()
-                uncertainty[block.index] = self.query_entropy(layer, block, weights.float())
-        gate = torch.sigmoid(self.gate_weight * uncertainty + self.gate_bias)
-        local = output.transpose(1, 2).reshape(rows, groups * q, dim).float()
+        read = torch.bmm(feature_map(queries), state)  # [R, G * q, D + 1]: phi(q) S and phi(q) . z
+        numerator, denominator = read[..., :dim], read[..., dim:].clamp(min=1e-30)
+        log_gate = F.logsigmoid(self.gate_logit(view))  # [R, G * q, 1]
+        local = output.float()
         if self.combine == "additive":
-            combined = local + gate[..., None] * numerator / denominator[..., None]
+            combined = torch.addcmul(local, log_gate.exp(), numerator / denominator)
         else:  # the states as extra keys: softmax mass m over the kept tokens, c * phi(q) . z over the absorbed
-            relative = gate * memory["scale"][:, None] * (-log_mass).exp()  # g c / m
-            combined = (local + relative[..., None] * numerator) / (1 + relative * denominator)[..., None]
-        return combined.to(output.dtype).reshape(batch, num_heads, q, dim).transpose(1, 2).contiguous()
+            relative = (log_gate + memory["log_scale"] - log_mass[..., None]).exp()  # g c / m
+            combined = torch.addcmul(local, relative, numerator) / (relative * denominator + 1)
+        return combined.to(output.dtype)
 
-    def query_entropy(self, layer: CompressedLayer, block: RowBlock, weights: torch.Tensor) -> torch.Tensor:
-        """[n, G * q] entropy of each query's attention over the row's kept image tokens (all kept tokens when the
-        row keeps fewer than two), divided by its maximum (log of their number)."""
-        if layer.cache.modality is None:  # text: the weights are already a distribution over the stored tokens
-            entropy = -torch.special.xlogy(weights, weights).sum(-1)
-            return entropy / block.lengths.clamp(min=2).float().log()[:, None]
-        length = block.max_length
-        stored = torch.arange(length, device=weights.device) < block.lengths[:, None]  # [n, L]
-        visual = stored & self.visual_slots(layer, block, torch.arange(length, device=weights.device).expand_as(stored))
-        members = torch.where(visual.sum(-1, keepdim=True) >= 2, visual, stored)[:, None]
-        p = weights * members
-        p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
-        return -torch.special.xlogy(p, p).sum(-1) / members.sum(-1).clamp(min=2).float().log()
+    def gate_logit(self, view: DecodeView) -> torch.Tensor:
+        """[R, G * q, 1] gate_weight * H_q + gate_bias, H_q the entropy of each query's attention over the row's
+        kept image tokens (all kept tokens when the row keeps fewer than two), divided by its maximum (the log of
+        their number)."""
+        weights, rows = view.attention, view.rows
+        if "visual" not in rows.slots and rows.uniform_length is not None:  # text, alike rows: one normaliser
+            scale = -self.gate_weight / math.log(max(rows.uniform_length, 2))
+            return torch.add(self.gate_bias, torch.special.xlogy(weights, weights).sum(-1, keepdim=True), alpha=scale)
+        page_row, num_rows = view.page_row, rows.num_rows
+        holds = view.holds()
+        if "visual" not in rows.slots:  # text: the weights are already a distribution over the stored tokens
+            members, counts = None, rows.lengths
+        else:
+            visual = view.slot("visual") if holds is None else view.slot("visual") & holds
+            counts = visual.sum(-1)
+            if holds is not None:
+                counts = counts.new_zeros(num_rows).index_add_(0, page_row, counts)
+            by_visual = counts >= 2  # [R]
+            if holds is None:
+                members = torch.where(by_visual[:, None], visual, True)
+            else:
+                members = torch.where(by_visual.index_select(0, page_row)[:, None], visual, holds)
+            counts = torch.where(by_visual, counts, rows.lengths)
+        p = weights if members is None else weights * members[:, None]
+        total, plogp = p.sum(-1), torch.special.xlogy(p, p).sum(-1)  # per page, before normalising p
+        if holds is not None:
+            total = total.new_zeros(num_rows, total.shape[1]).index_add_(0, page_row, total)
+            plogp = plogp.new_zeros(total.shape).index_add_(0, page_row, plogp)
+        total = total.clamp(min=1e-30)
+        entropy = total.log() - plogp / total  # -sum (p / T) log (p / T) = log T - (sum p log p) / T
+        return (self.gate_weight * entropy / counts.clamp(min=2).float().log()[:, None] + self.gate_bias)[..., None]
 
 
 def max_normalised(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:

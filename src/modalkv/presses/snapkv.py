@@ -78,15 +78,15 @@ class SnapKVPress(Press):
     def select(self, inputs: PrefillInputs) -> Selection:
         selection = super().select(inputs)
         if self.evict_every:  # a per-slot sum of the decode-time window's attention
-            selection.running_scores = inputs.keys.new_zeros(inputs.keys.shape[:3], dtype=torch.float32)
+            selection.slot_data["scores"] = inputs.keys.new_zeros(inputs.keys.shape[:3], dtype=torch.float32)
         return selection
 
     def observe(self, view: DecodeView) -> None:
-        view.block.slots["scores"][:, : view.block.max_length] += view.attention.sum(dim=1) / view.query_groups
+        view.slot("scores").add_(view.attention.sum(dim=1), alpha=1 / view.query_groups)
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        block, length = view.block, view.block.max_length
-        scores = block.slots["scores"][:, :length].clone()
-        block.slots["scores"][:, :length] = 0  # the next observation window starts now
-        in_window = block.columns[:, :length] >= view.seen - self.evict_every
-        return scores.masked_fill(in_window, float("inf"))
+        running = view.slot("scores")
+        in_window = view.slot("columns") >= view.seen - self.evict_every
+        scores = running.masked_fill(in_window, float("inf"))
+        running.zero_()  # the next observation window starts now
+        return scores

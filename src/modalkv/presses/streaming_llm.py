@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modalkv.presses.base import DecodeView, PrefillInputs, Press
+from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection
 
 
 @dataclass
@@ -34,13 +34,13 @@ class StreamingLLMPress(Press):
         real_rank = inputs.is_real.cumsum(-1) - 1  # sinks are the first REAL tokens, after any left padding
         return inputs.is_real & (real_rank < self.num_sinks)
 
+    def select(self, inputs: PrefillInputs) -> Selection:
+        selection = super().select(inputs)
+        if self.evict_every:  # the sinks never leave: +inf on top of their column while decoding
+            sinks = self.always_kept(inputs)[:, None].expand(inputs.keys.shape[:3])
+            scores = torch.zeros(sinks.shape, device=sinks.device)
+            selection.slot_data["scores"] = scores.masked_fill(sinks, float("inf"))
+        return selection
+
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        block = view.block
-        columns = block.columns[:, : block.max_length].float()
-        past_end = torch.arange(block.max_length, device=columns.device) >= block.lengths[:, None]
-        columns = columns.masked_fill(past_end, float("inf"))
-        num_sinks = min(self.num_sinks, block.min_length)
-        if num_sinks == 0:
-            return columns
-        sink_limit = columns.kthvalue(num_sinks, dim=-1).values  # the sinks are each row's oldest tokens
-        return columns.masked_fill(columns <= sink_limit[:, None], float("inf"))
+        return view.slot("columns").float() + view.slot("scores")  # the oldest goes first

@@ -32,9 +32,16 @@ class TOVAPress(Press):
         return inputs.is_real & is_last
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        rows, length = len(view.block.rows), view.block.max_length
-        latest = view.attention.view(rows, view.query_groups, -1, length)[:, :, -1].mean(dim=1)  # [n, L]
-        # Every KV head of a batch row holds the same tokens in the same slots, so slots can be averaged.
-        batch_of_row = view.block.rows // view.num_kv_heads
-        sums = latest.new_zeros((int(batch_of_row.max()) + 1, length)).index_add_(0, batch_of_row, latest)
-        return (sums / torch.bincount(batch_of_row).clamp(min=1)[:, None])[batch_of_row]
+        pages, width = view.attention.shape[0], view.attention.shape[-1]
+        latest = view.attention.view(pages, view.query_groups, -1, width)[:, :, -1].mean(dim=1)  # [pages, width]
+        # Every KV head of a batch row holds the same tokens in the same slots (same budget, same scores, same
+        # moves), so a slot's score is its mean over the row's KV heads: its page's counterparts in the other heads.
+        heads = view.num_kv_heads
+        if view.rows.uniform_length is not None:  # one page per row, rows in (batch, head) order
+            return latest.view(-1, heads, width).mean(dim=1, keepdim=True).expand(-1, heads, -1).reshape(pages, width)
+        layout = view.rows.layout
+        batch, most_pages = len(layout.capacities) // heads, max(layout.capacities) // width
+        counterpart = (view.page_row // heads) * most_pages + layout.page_offset // width
+        sums = latest.new_zeros((batch * most_pages, width))
+        sums.index_add_(0, counterpart, latest)
+        return sums.index_select(0, counterpart) / heads

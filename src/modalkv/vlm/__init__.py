@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from modalkv.pretrained import load_pretrained
 from modalkv.vlm.encoder import load_encoder
 from modalkv.vlm.model import MiniVLM, MiniVLMConfig
 from modalkv.vlm.processor import MiniVLMProcessor
@@ -32,9 +33,7 @@ def load_mini_vlm(
         attn_implementation: the language model's attention implementation.
         device: where to put the model.
     """
-    from modalkv.models import load_model  # models.py imports this package for "mini-vlm"
-
-    language_model, tokenizer = load_model("smollm2-135m", dtype=dtype, attn_implementation=attn_implementation)
+    language_model, tokenizer = load_pretrained("smollm2-135m", dtype=dtype, attn_implementation=attn_implementation)
     encoder = load_encoder()
     names = class_name_embeddings(language_model.get_input_embeddings().weight.detach().float(), tokenizer)
     projector = ClassPosteriorProjector(encoder._fc, names)

@@ -138,8 +138,8 @@ class MiniVLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """`language_model.generate()` on the embedded prompt; every other keyword (past_key_values, max_new_tokens,
-        do_sample, ...) goes to it unchanged.
+        """`language_model.generate()` on the embedded prompt; every other keyword (`cache`, which transformers 5.23
+        calls `past_key_values`, max_new_tokens, do_sample, ...) goes to it unchanged.
 
         Returns:
             [B, S + new] the prompt ids followed by the new tokens, like transformers' VLMs (slice off

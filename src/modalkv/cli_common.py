@@ -1,0 +1,43 @@
+"""What the command lines share (`modalkv.cli` and `modalkv.eval.cli`): the stderr console, the parsing of budgets
+and method parameters, and the error exit. It imports no other modalkv module, so both can build on it."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def parse_budget(text: str) -> float | int:
+    """'0.2' -> 0.2, '512' -> 512; the press validates the range."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"budget must be a number, got {text!r}") from None
+    return int(number) if number > 1 and number.is_integer() else number
+
+
+def parse_params(items: list[str] | None) -> dict[str, bool | int | float | str]:
+    """['kernel_size=7', 'pooling=max', 'evict_every=0'] -> {'kernel_size': 7, 'pooling': 'max', ...}."""
+    params: dict[str, bool | int | float | str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"method parameters are KEY=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            params[key] = value.lower() == "true"
+            continue
+        for kind in (int, float):
+            try:
+                params[key] = kind(value)
+                break
+            except ValueError:
+                params[key] = value
+    return params
+
+
+def fail(error: Exception) -> typer.Exit:
+    """Prints `error` on stderr; the exit (code 2) to raise from it."""
+    console.print(f"[red]error:[/red] {error}")
+    return typer.Exit(code=2)

@@ -1,0 +1,92 @@
+"""Attention of new queries over a layer's ragged rows (`storage.RaggedRows`), as a constant number of kernels.
+
+Each row's G query heads are stacked as G * q queries of a single head, so no key is repeated for GQA. Alike rows
+(one page each, all as long) are one sdpa call over a slice. Ragged rows are paged attention with a flash-decoding
+combine: one batched product of every page with its row's queries, a per-row maximum and sum gathered across the
+row's pages (`index_reduce_`, `index_add_`), then one batched product with the values -- the same dozen kernels
+whatever the per-row lengths, so uneven heads (MadaKV) cost what even ones do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from modalkv.storage import RaggedRows
+
+
+@dataclass
+class AttentionResult:
+    output: torch.Tensor  # [R, G * q, D]
+    weights: torch.Tensor | None  # [pages, G * q, width] softmax weights over each page's slots, when asked for
+    log_mass: torch.Tensor | None  # [R, G * q] float32 log-sum-exp of the scaled logits, when asked for
+
+
+def ragged_attention(
+    rows: RaggedRows,
+    queries: torch.Tensor,
+    scaling: float,
+    query_columns: torch.Tensor | int,
+    with_weights: bool = False,
+) -> AttentionResult:
+    """Attention of `queries` [R, G * q, D] over `rows` (the new tokens already appended).
+
+    Args:
+        query_columns: [G * q] the sequence column of each stacked query, for causal masking among several new
+            tokens; or one int, the column of the single new token (everything stored is visible to it).
+        with_weights: also return the softmax weights and log-masses (what decode-time scoring reads).
+    """
+    if rows.uniform_length is not None:
+        return _alike_rows(rows, queries, scaling, query_columns, with_weights)
+    page_row = rows.layout.page_row
+    zeros, output_zeros, by_query = _constants(rows, queries)
+    page_queries = queries.index_select(0, page_row)  # [pages, G * q, D]
+    logits = torch.baddbmm(zeros[:1, :1, None], page_queries, rows.window("keys").mT, beta=0, alpha=scaling)
+    columns = rows.window("columns", head_axis=True)  # [pages, 1, page]
+    hidden = columns > (query_columns[:, None] if torch.is_tensor(query_columns) else query_columns)  # FREE too
+    logits = logits.float().masked_fill_(hidden, float("-inf"))  # [pages, G * q, page]
+    row_max = zeros.scatter_reduce(0, by_query, logits.amax(-1), "amax", include_self=False)  # every row has a page
+    exps = (logits - row_max.index_select(0, page_row)[..., None]).exp_()
+    row_sum = zeros.index_add(0, page_row, exps.sum(-1))
+    page_out = torch.bmm(exps.to(queries.dtype), rows.window("values"))  # [pages, G * q, D]
+    output = (output_zeros.index_add(0, page_row, page_out.float()) / row_sum[..., None]).to(queries.dtype)
+    if not with_weights:
+        return AttentionResult(output, None, None)
+    weights = exps / row_sum.index_select(0, page_row)[..., None]
+    return AttentionResult(output, weights, row_max + row_sum.log())
+
+
+def _constants(rows: RaggedRows, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the reductions start from, made once per layout: zeros [R, G * q] and [R, G * q, D] (never written:
+    the reductions are out of place) and each page's row expanded over the queries [pages, G * q]."""
+    layout, (num_rows, num_queries, dim) = rows.layout, queries.shape
+    zeros = layout.constant(
+        f"zeros{num_queries}", lambda: queries.new_zeros((num_rows, num_queries), dtype=torch.float32)
+    )
+    output_zeros = layout.constant(f"output{num_queries}", lambda: zeros.new_zeros((num_rows, num_queries, dim)))
+    by_query = layout.constant(f"rows{num_queries}", lambda: layout.page_row[:, None].expand(-1, num_queries))
+    return zeros, output_zeros, by_query
+
+
+def _alike_rows(
+    rows: RaggedRows, queries: torch.Tensor, scaling: float, query_columns: torch.Tensor | int, with_weights: bool
+) -> AttentionResult:
+    num_rows, num_queries, dim = queries.shape
+    visible = None
+    if torch.is_tensor(query_columns):
+        visible = rows.window("columns", head_axis=True) <= query_columns[:, None]  # [R, G * q, L]
+    if not with_weights:  # [R, 1, L, D] views of the buffers: no copy, no repeated keys
+        keys, values = rows.window("keys", head_axis=True), rows.window("values", head_axis=True)
+        mask = None if visible is None else visible[:, None]
+        stacked = queries.view(num_rows, 1, num_queries, dim)
+        output = F.scaled_dot_product_attention(stacked, keys, values, mask, scale=scaling)
+        return AttentionResult(output.view(queries.shape), None, None)
+    zeros = _constants(rows, queries)[0]
+    logits = torch.baddbmm(zeros[:1, :1, None], queries, rows.window("keys").mT, beta=0, alpha=scaling).float()
+    if visible is not None:
+        logits = logits.masked_fill_(~visible, float("-inf"))
+    log_mass = logits.logsumexp(-1)
+    weights = (logits - log_mass[..., None]).exp_()
+    return AttentionResult(torch.bmm(weights.to(queries.dtype), rows.window("values")), weights, log_mass)

@@ -1,0 +1,119 @@
+"""What passes between the cache and a method ("press"): the press is a policy the cache calls, never the reverse.
+
+At prefill the cache hands a press one layer (`PrefillInputs`) and stores what it returns (`Selection`). While
+decoding the cache owns the step -- append, attention, memory read-out, eviction -- and shows the press only the
+layer's slots as pages (`DecodeView`): the press updates its running scores, scores the slots, and (for a press with
+a memory) absorbs the tokens that leave (`LeavingTokens`) and reads its memory back into the attention output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from modalkv.storage import RaggedRows
+
+
+@dataclass
+class PrefillInputs:
+    """One layer's prefill, as a press sees it. Queries and keys are rotated (RoPE applied)."""
+
+    module: nn.Module  # the attention module (layer_idx, config, num_key_value_groups)
+    layer_idx: int
+    queries: torch.Tensor  # [B, H, S, D]
+    keys: torch.Tensor  # [B, H_kv, S, D]
+    values: torch.Tensor  # [B, H_kv, S, D]
+    is_real: torch.Tensor  # [B, S] bool, False for padding
+    scaling: float
+    modality: torch.Tensor | None = None  # [B, S] long: TEXT, IMAGE or VIDEO per token (modality.py); None: text
+    patches: torch.Tensor | None = None  # [B, S, 3] long: (image, row, column) of visual tokens, else -1; with modality
+    state: dict = field(default_factory=dict)  # per cache, shared by its layers (budgets carried layer to layer)
+
+    @property
+    def num_layers(self) -> int:
+        return self.module.config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+
+@dataclass
+class Selection:
+    """What a press keeps of one layer's prefill."""
+
+    indices: torch.Tensor  # [B, H_kv, K] kept token indices, ascending within the first `lengths` entries
+    lengths: torch.Tensor  # [B, H_kv] number of kept tokens per row
+    slot_data: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token data to store, [B, H_kv, S] each
+    keys: torch.Tensor | None = None  # [B, H_kv, S, D] replacement keys to store (merging presses), else the layer's
+    values: torch.Tensor | None = None
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row state beside the tokens, [B * H_kv, ...]
+
+
+@dataclass
+class DecodeView:
+    """A layer's slots right after a decoding step's tokens were appended and attended to, as pages.
+
+    Every per-slot tensor is [pages, width]: with alike rows a page is a whole row and `width` its length; else pages
+    of `page_size` slots, some of them not holding a token (`holds`). What a press returns for slots that hold no
+    token is ignored.
+    """
+
+    rows: RaggedRows
+    attention: torch.Tensor | None  # [pages, G * q, width] the new queries' softmax weights, if the press asked
+    memory: dict[str, torch.Tensor]  # the press's per-row state (read and updated in place), [R, ...]
+    modality: torch.Tensor | None  # [B, S] the prompt's modality map, None: text
+    num_kv_heads: int
+    query_groups: int  # G, query heads per KV head
+    seen: int  # sequence columns seen so far (the next token's column)
+
+    def slot(self, name: str) -> torch.Tensor:
+        """The per-slot buffer `name` ("keys", "values", "columns", "scores", ...) as [pages, width, ...], a view:
+        writing to it writes the storage."""
+        return self.rows.window(name)
+
+    @property
+    def page_row(self) -> torch.Tensor:
+        """[pages] the row (batch row * H_kv + KV head) each page belongs to."""
+        return self.rows.layout.page_row
+
+    def constant(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor that depends only on the layer's layout, made once (e.g. per-page limits): no per-step cost."""
+        return self.rows.layout.constant(name, make)
+
+    def page_limits(self) -> torch.Tensor:
+        """[pages, 1] the limit of each page's row."""
+        return self.constant("limits", lambda: self.rows.limits.index_select(0, self.page_row)[:, None])
+
+    def holds(self) -> torch.Tensor | None:
+        """[pages, width] which slots hold a token; None when all do (alike rows)."""
+        return None if self.rows.uniform_length is not None else self.rows.holds()
+
+
+@dataclass
+class LeavingTokens:
+    """The tokens leaving a layer in one removal, one per row at most, gathered before they go."""
+
+    keys: torch.Tensor  # [R, D]
+    values: torch.Tensor  # [R, D]
+    slot: torch.Tensor  # [R] flat slot index
+    leaving: torch.Tensor | None  # [R] bool, which rows lose their token; None: every row
+
+
+class Policy(Protocol):
+    """The calls a `CompressedCache` makes on its press (implemented by `presses.base.Press`)."""
+
+    budget: float | int
+    evict_every: int
+    needs_decode_attention: bool
+
+    def select(self, inputs: PrefillInputs) -> Selection: ...
+    def observe(self, view: DecodeView) -> None: ...
+    def decode_scores(self, view: DecodeView) -> torch.Tensor: ...
+    def absorb(self, view: DecodeView, tokens: LeavingTokens) -> None: ...
+    def read_memory(self, view: DecodeView, queries: torch.Tensor, output: torch.Tensor, log_mass: torch.Tensor):
+        """[R, G * q, D] the attention output with the memory read in."""

@@ -118,3 +118,13 @@ def test_prefill_memory_is_measured_in_a_fresh_process():
     # by `bench --memory`, not asserted: the margin at this length is within the allocator's noise.)
     for run in (plain, ours):
         assert run["prefill_peak_mib"] >= run["cache_mib"]
+
+
+def test_grid_with_compile_adds_compiled_methods_and_transformers_static_cache_as_a_peer(model):
+    presses = [get_press("snapkv", budget=0.5, window_size=4)]
+    rows = run_grid(model, prompt_of_length, presses, [40], decode_tokens=3, count_steps=0, compile=True)
+    assert [row["method"] for row in rows] == ["snapkv(window_size=4)", "static_cache", "snapkv(window_size=4)+compile"]
+    for row in rows:  # every ratio is to the same run's eager DynamicCache
+        assert row["decode_speedup"] == pytest.approx(row["baseline_ms_per_token"] / row["decode_ms_per_token"])
+    # The compiled cell decodes its untimed compilation steps too: 20 kept + 3 timed + 4 more generated tokens.
+    assert rows[2]["cache_bytes"] == 2 * 2 * (20 + 3 + 4) * 2 * 16 * 4

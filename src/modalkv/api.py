@@ -8,13 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import PreTrainedModel
+from transformers import CompileConfig, PreTrainedModel
 
 from modalkv.attention import ATTENTION_NAME, register
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.modality import modality_from_input_ids
 from modalkv.policy import Policy
+from modalkv.storage import GROWTH_MIN
 
 
 @contextmanager
@@ -46,14 +47,21 @@ def generate(
     model: PreTrainedModel,
     modality: torch.Tensor | None = None,
     patches: torch.Tensor | None = None,
+    compile: bool = False,
     **kwargs,
 ) -> torch.Tensor:
     """`model.generate(**kwargs)` with a compressed cache; see `Press.generate`."""
     if "past_key_values" in kwargs and CACHE_KWARG != "past_key_values":  # the name transformers < 5.24 knew
         kwargs[CACHE_KWARG] = kwargs.pop("past_key_values")
-    cache = kwargs.setdefault(CACHE_KWARG, CompressedCache(press))
+    if CACHE_KWARG not in kwargs:
+        kwargs[CACHE_KWARG] = compiled_cache(press, kwargs.get("max_new_tokens")) if compile else CompressedCache(press)
+    cache = kwargs[CACHE_KWARG]
     if not isinstance(cache, CompressedCache):
         raise ValueError(f"{CACHE_KWARG} must be a CompressedCache, got {type(cache).__name__}")
+    if compile:
+        if not cache.is_compileable:
+            raise ValueError("compile=True needs a cache made with CompressedCache(press, compileable=True)")
+        kwargs.setdefault("compile_config", decode_compile_config(model.device))
     if modality is None and "input_ids" in kwargs:
         modality = modality_from_input_ids(model.config, kwargs["input_ids"])
     if modality is not None and cache.modality is None:
@@ -73,6 +81,22 @@ def generate(
         check_prompt_length(model, prompt.shape[1], kwargs.get("max_new_tokens", 0))
     with attach(press, model):
         return model.generate(**kwargs)
+
+
+def compiled_cache(press: Policy, max_new_tokens: int | None) -> CompressedCache:
+    """A cache whose decoding steps transformers may compile: the whole generation's tokens reserved per row, so
+    that rows never grow (a growth changes shapes: one more compilation)."""
+    return CompressedCache(press, reserve=max(max_new_tokens or 0, GROWTH_MIN), compileable=True)
+
+
+def decode_compile_config(device: torch.device) -> CompileConfig:
+    """How generate() compiles the decoding steps: CUDA graphs on a GPU ("reduce-overhead", transformers' default);
+    elsewhere plain inductor, which transformers only does when told to compile on every device."""
+    if device.type == "cuda":
+        return CompileConfig()
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True  # transformers' switch for compiling on CPU (off by default: often slower)
+    return config
 
 
 def check_model(model: PreTrainedModel) -> None:

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 
+from modalkv.api import compiled_cache
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.presses import Press
@@ -27,6 +28,7 @@ from modalkv.profiling import DispatchCounter
 
 FLOOR_CONTEXT = 256
 COUNT_STEPS = 4  # decode steps counted at dispatch level per method and context, after the timed ones
+COMPILE_WARMUP = 6  # untimed first steps of a compiled cell: compilation and recompilations (growth, new views)
 
 
 @dataclass
@@ -74,15 +76,27 @@ def prefill_logits(model: PreTrainedModel, prompt: torch.Tensor, cache) -> torch
     return model(prompt, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1).logits
 
 
-def greedy_step(model: PreTrainedModel, logits: torch.Tensor, cache, counter: DispatchCounter | None = None):
-    """One greedy step: the argmax of `logits` fed back; returns the new last logits. Only the model is counted.
-
-    The token stays on the device: no `.item()`, so feeding it back is no host sync.
+def greedy_step(model: Callable, logits: torch.Tensor, cache, counter: DispatchCounter | None = None):
+    """One greedy step of `model` (or its compiled forward): the argmax of `logits` fed back; returns the new last
+    logits. Only the model is counted. The token stays on the device: no `.item()`, so feeding it back is no sync.
     """
     token = logits.argmax(-1)
     with counter if counter is not None else contextlib.nullcontext():
         output = model(token, **{CACHE_KWARG: cache}, use_cache=True)
     return output.logits[:, -1:]
+
+
+def make_cache(model: PreTrainedModel, press: Press | None, total_tokens: int, compile: bool):
+    """The cache of one cell: transformers' DynamicCache (press None), its StaticCache for the whole run (press None,
+    compiled: transformers' own fast path), or a CompressedCache (compiled: the whole run's tokens reserved)."""
+    if press is not None:
+        return compiled_cache(press, total_tokens) if compile else CompressedCache(press)
+    return StaticCache(config=model.config, max_cache_len=total_tokens) if compile else DynamicCache()
+
+
+def cell_name(press: Press | None, compile: bool) -> str:
+    name = ("static_cache" if compile else "dynamic_cache") if press is None else press.label()
+    return f"{name}+compile" if compile and press is not None else name
 
 
 @torch.no_grad()
@@ -127,13 +141,20 @@ def measure(
     decode_tokens: int,
     warmup: int = 2,
     count_steps: int = 0,
+    compile: bool = False,
 ):
     """Greedy prefill + `decode_tokens` steps; `press=None` is transformers' own DynamicCache (the baseline).
 
     `count_steps` > 0 then counts aten ops and host syncs over that many more steps (`count_decode`), untimed: the
-    timed steps were their warm-up, and the cache sizes are taken before them.
+    timed steps were their warm-up, and the cache sizes are taken before them. `compile`: the decoding steps run
+    a torch.compile'd forward (the prefill does not); with `press=None` that is transformers' StaticCache + compile.
+    Compilation happens in the first steps: `warmup` must cover them (the median is taken after it).
     """
-    cache = DynamicCache() if press is None else CompressedCache(press)
+    cache = make_cache(model, press, prompt.shape[1] + decode_tokens + count_steps + 1, compile)
+    forward = model
+    if compile:
+        torch._dynamo.reset()  # each cell compiles afresh: earlier cells' graphs would count against dynamo's limit
+        forward = torch.compile(model, mode="reduce-overhead" if prompt.is_cuda else "default")
     # GPU kernels run asynchronously: wait for them, or the clock measures only their launch.
     synchronize = torch.cuda.synchronize if prompt.is_cuda else lambda: None
     with contextlib.nullcontext() if press is None else press.attach(model):
@@ -145,17 +166,17 @@ def measure(
         steps = []
         for _ in range(decode_tokens):
             start = time.perf_counter()
-            logits = greedy_step(model, logits, cache)
+            logits = greedy_step(forward, logits, cache)
             synchronize()
             steps.append(time.perf_counter() - start)
         if press is None:
-            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # static: what it holds
             full_bytes, memory = held, 0
         else:
             held, full_bytes, memory = cache.cache_bytes(), cache.full_cache_bytes(), cache.memory_bytes()
-        dispatch = count_decode(model, cache, logits, count_steps) if count_steps else None
+        dispatch = count_decode(model, cache, logits, count_steps) if count_steps and not compile else None
     return Run(
-        method="dynamic_cache" if press is None else press.label(),
+        method=cell_name(press, compile),
         budget=1.0 if press is None else press.budget,
         context=prompt.shape[1],
         prefill_seconds=prefill,
@@ -179,23 +200,32 @@ def run_grid(
     repeats: int = 1,
     on_run: Callable[[Run], None] | None = None,
     count_steps: int = COUNT_STEPS,
+    compile: bool = False,
 ) -> list[dict]:
     """Runs every press at every context against the baseline and the floor, interleaved; returns summary rows.
 
     The first round of each context also counts aten ops and host syncs over `count_steps` untimed decode steps
     after the timed ones (0: not counted) for the baseline and every press: `ops_per_layer_step`, `syncs_per_step`
     (and the baseline's as `baseline_ops_per_layer_step`, `baseline_syncs_per_step`).
+
+    `compile`: every press also runs compiled (its row's method ends in "+compile"), and transformers' StaticCache +
+    compile joins as a peer row; the ratios stay to the eager DynamicCache. Compiling takes the first decoding steps
+    of each cell (not timed: the warm-up is widened to cover them).
     """
     rows = []
     for context in contexts:
         prompt, floor_prompt = prompt_of_length(context), prompt_of_length(FLOOR_CONTEXT)
         runs: dict[str, list[Run]] = {}
         for round_ in range(repeats):
-            for key, press, tokens in [("baseline", None, prompt), ("floor", None, floor_prompt)] + [
-                (press.label() + f"@{press.budget}", press, prompt) for press in presses
-            ]:
+            cells = [("baseline", None, prompt, False), ("floor", None, floor_prompt, False)]
+            cells += [(press.label() + f"@{press.budget}", press, prompt, False) for press in presses]
+            if compile:
+                cells += [("static_cache+compile", None, prompt, True)]
+                cells += [(press.label() + f"+compile@{press.budget}", press, prompt, True) for press in presses]
+            for key, press, tokens, compiled in cells:
                 count = count_steps if round_ == 0 and key != "floor" else 0
-                run = measure(model, press, tokens, decode_tokens, count_steps=count)
+                warmup = COMPILE_WARMUP if compiled else 2
+                run = measure(model, press, tokens, decode_tokens + warmup - 2, warmup, count, compiled)
                 runs.setdefault(key, []).append(run)
                 if on_run is not None:
                     on_run(run)

@@ -255,6 +255,8 @@ class CompressedCache(Cache):
         patches: [B, S, 3] the prompt's patch map (`modality.py`); None: inferred from `modality` when needed.
         reserve: free slots per row after the prefill, for the tokens decoded without eviction (rows grow by 1/8
             when full; reserving the whole generation keeps decoding shapes static, e.g. under torch.compile).
+        compileable: tells transformers' generate() that its decoding steps may run compiled (`api.generate` with
+            `compile=True`): the step has no graph break, no host sync, and shapes that change only with growth.
     """
 
     def __init__(
@@ -263,8 +265,10 @@ class CompressedCache(Cache):
         modality: torch.Tensor | None = None,
         patches: torch.Tensor | None = None,
         reserve: int = GROWTH_MIN,
+        compileable: bool = False,
     ):
         super().__init__(layers=[])
+        self.compileable = compileable
         self.press = press
         self.modality = modality
         self.patches = patches
@@ -285,6 +289,11 @@ class CompressedCache(Cache):
             self.patches = check_patches(patches, self.modality)
             self.maps_checked = (batch, seq, device)
         return self.modality, self.patches
+
+    @property
+    def is_compileable(self) -> bool:
+        # Asked by generate() before the prefill, when no layer exists yet: the cache's own setting decides.
+        return self.compileable
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

@@ -170,6 +170,9 @@ def generate(
     param: ParamOption = None,
     image: ImageOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="decode with a torch.compile'd forward (CUDA graphs on a GPU)")
+    ] = False,
 ) -> None:
     """Generate an answer with a compressed KV cache (from a text prompt, or images and a prompt)."""
     text = read_prompt(prompt, prompt_file)
@@ -179,7 +182,7 @@ def generate(
         press = make_press(method, budget, param)
         lm, tokenizer, inputs, modality = load_and_encode(model, dtype, text, images, raw, modality)
         with console.status(f"prefill of {inputs['input_ids'].shape[1]} tokens and decoding with {method}"):
-            result = generate_timed(lm, tokenizer, press, inputs, max_new_tokens, min_new_tokens, modality)
+            result = generate_timed(lm, tokenizer, press, inputs, max_new_tokens, min_new_tokens, modality, compile)
     except ValueError as error:
         raise fail(error) from error
     if as_json:
@@ -337,6 +340,14 @@ def bench(
         list[str] | None,
         typer.Option("--param", "-p", help="method parameter KEY=VALUE, given to every method that has it"),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="also run every method with a torch.compile'd decoding step, and transformers' StaticCache + "
+            "compile as a peer (compilation takes minutes per cell on a CPU)",
+        ),
+    ] = False,
 ) -> None:
     """Decode speed, prefill time and cache size per method and budget, as ratios to the uncompressed cache."""
     from modalkv.bench import run_grid
@@ -360,7 +371,7 @@ def bench(
         text = passkey_example(tokenizer, length + 64, seed=length).text
         return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
 
-    total = len(lengths) * repeats * (len(presses) + 2)
+    total = len(lengths) * repeats * (len(presses) + 2 + (len(presses) + 1 if compile else 0))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench", total=total)
         rows = run_grid(
@@ -372,6 +383,7 @@ def bench(
             repeats,
             on_run=lambda run: progress.update(task, advance=1, description=f"{run.method} at {run.context}"),
             count_steps=count_steps,
+            compile=compile,
         )
     if memory:
         from modalkv.prefill_memory import measure_in_subprocess

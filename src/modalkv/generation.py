@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from modalkv.api import compiled_cache
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.presses import Press
@@ -50,6 +51,7 @@ class GenerationResult:
     memory_bytes: int  # a press's state beside the tokens (RetentiveKV's memories), not in cache_bytes
     prefill_seconds: float
     decode_ms_per_token: float | None  # median over decoded tokens; None with fewer than 2 new tokens
+    compiled: bool = False  # decoded with a torch.compile'd forward
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,15 +65,18 @@ def generate_timed(
     max_new_tokens: int,
     min_new_tokens: int = 0,
     modality: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> GenerationResult:
     """Greedy generation of one prompt with `press`, timing prefill and decode separately. `modality`: the
-    prompt's modality map (default: from the model's image/video token ids)."""
-    cache = CompressedCache(press)
+    prompt's modality map (default: from the model's image/video token ids). `compile`: decode compiled (the
+    median step time then excludes the compilation, paid by the first steps, when enough tokens follow)."""
+    cache = compiled_cache(press, max_new_tokens) if compile else CompressedCache(press)
     clock = _StepClock()
     start = time.perf_counter()
     output = press.generate(
         model,
         modality=modality,
+        compile=compile,
         **inputs,
         **{CACHE_KWARG: cache},
         max_new_tokens=max_new_tokens,
@@ -95,4 +100,5 @@ def generate_timed(
         memory_bytes=cache.memory_bytes(),
         prefill_seconds=clock.times[0] - start,
         decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
+        compiled=compile,
     )

@@ -150,10 +150,12 @@ class Press:
         model: PreTrainedModel,
         modality: torch.Tensor | None = None,
         patches: torch.Tensor | None = None,
+        compile: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         """`model.generate(**kwargs)` with a compressed cache (pass `cache=CompressedCache(press)` -- or
         `past_key_values=` -- to inspect it afterwards). `modality`: the prompt's modality map (default: from the
         model's image/video token ids, if any); `patches`: its patch map (default: inferred from the modality map, see
-        modality.py). Returns what `generate` returns."""
-        return api.generate(self, model, modality, patches, **kwargs)
+        modality.py). `compile`: decode with a torch.compile'd forward (CUDA graphs on a GPU; the first steps pay
+        the compilation). Returns what `generate` returns."""
+        return api.generate(self, model, modality, patches, compile, **kwargs)

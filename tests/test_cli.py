@@ -32,6 +32,7 @@ JSON_KEYS = {
     "memory_bytes",
     "prefill_seconds",
     "decode_ms_per_token",
+    "compiled",
 }
 
 _loaded: dict = {}

@@ -64,6 +64,7 @@ class Run:
     cache_bytes: int  # KV bytes held after decoding
     full_cache_bytes: int
     memory_bytes: int = 0  # a press's state beside the tokens (RetentiveKV), not in cache_bytes
+    allocated_bytes: int = 0  # what the cache's storage allocated (kept + slack + positions); the baseline: cache_bytes
     ops_per_layer_step: float | None = None  # aten ops per layer and decode step (None: not counted)
     syncs_per_step: float | None = None  # host syncs per decode step
     top_ops: dict[str, float] | None = None  # op name -> calls per step
@@ -171,9 +172,10 @@ def measure(
             steps.append(time.perf_counter() - start)
         if press is None:
             held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # static: what it holds
-            full_bytes, memory = held, 0
+            full_bytes, memory, allocated = held, 0, held
         else:
             held, full_bytes, memory = cache.cache_bytes(), cache.full_cache_bytes(), cache.memory_bytes()
+            allocated = cache.allocated_bytes()
         dispatch = count_decode(model, cache, logits, count_steps) if count_steps and not compile else None
     return Run(
         method=cell_name(press, compile),
@@ -184,6 +186,7 @@ def measure(
         cache_bytes=held,
         full_cache_bytes=full_bytes,
         memory_bytes=memory,
+        allocated_bytes=allocated,
         ops_per_layer_step=dispatch and dispatch.ops_per_layer_step,
         syncs_per_step=dispatch and dispatch.syncs_per_step,
         top_ops=dispatch and dispatch.top_ops,

@@ -253,7 +253,7 @@ class CompressedCache(Cache):
         press: the method that picks which tokens each layer and KV head keeps.
         modality: [B, S] the prompt's modality map (`modality.py`), for presses that read it; None: all text.
         patches: [B, S, 3] the prompt's patch map (`modality.py`); None: inferred from `modality` when needed.
-        reserve: free slots per row after the prefill, for the tokens decoded without eviction (rows grow by 1/8
+        reserve: free slots per row after the prefill, for the tokens decoded without eviction (rows grow by 1/16
             when full; reserving the whole generation keeps decoding shapes static, e.g. under torch.compile).
         compileable: tells transformers' generate() that its decoding steps may run compiled (`api.generate` with
             `compile=True`): the step has no graph break, no host sync, and shapes that change only with growth.

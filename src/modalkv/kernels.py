@@ -41,33 +41,33 @@ def ragged_attention(
     if rows.uniform_length is not None:
         return _alike_rows(rows, queries, scaling, query_columns, with_weights)
     page_row = rows.layout.page_row
-    zeros, output_zeros, by_query = _constants(rows, queries)
+    zero, row_zeros, output_zeros, by_query = _constants(rows, queries)
     page_queries = queries.index_select(0, page_row)  # [pages, G * q, D]
-    logits = torch.baddbmm(zeros[:1, :1, None], page_queries, rows.window("keys").mT, beta=0, alpha=scaling)
+    logits = torch.baddbmm(zero, page_queries, rows.window("keys", transposed=True), beta=0, alpha=scaling)
     columns = rows.window("columns", head_axis=True)  # [pages, 1, page]
     hidden = columns > (query_columns[:, None] if torch.is_tensor(query_columns) else query_columns)  # FREE too
     logits = logits.float().masked_fill_(hidden, float("-inf"))  # [pages, G * q, page]
-    row_max = zeros.scatter_reduce(0, by_query, logits.amax(-1), "amax", include_self=False)  # every row has a page
-    exps = (logits - row_max.index_select(0, page_row)[..., None]).exp_()
-    row_sum = zeros.index_add(0, page_row, exps.sum(-1))
+    # Every row has a page, so the maximum over its pages replaces the zeros it starts from.
+    row_max = row_zeros.scatter_reduce(0, by_query, logits.amax(-1, keepdim=True), "amax", include_self=False)
+    exps = (logits - row_max.index_select(0, page_row)).exp_()
+    row_sum = row_zeros.index_add(0, page_row, exps.sum(-1, keepdim=True))  # [R, G * q, 1]
     page_out = torch.bmm(exps.to(queries.dtype), rows.window("values"))  # [pages, G * q, D]
-    output = (output_zeros.index_add(0, page_row, page_out.float()) / row_sum[..., None]).to(queries.dtype)
+    output = (output_zeros.index_add(0, page_row, page_out.float()) / row_sum).to(queries.dtype)
     if not with_weights:
         return AttentionResult(output, None, None)
-    weights = exps / row_sum.index_select(0, page_row)[..., None]
-    return AttentionResult(output, weights, row_max + row_sum.log())
+    weights = exps / row_sum.index_select(0, page_row)
+    return AttentionResult(output, weights, (row_max + row_sum.log())[..., 0])
 
 
-def _constants(rows: RaggedRows, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the reductions start from, made once per layout: zeros [R, G * q] and [R, G * q, D] (never written:
-    the reductions are out of place) and each page's row expanded over the queries [pages, G * q]."""
+def _constants(rows: RaggedRows, queries: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Made once per layout: a 0-d zero (baddbmm's ignored input), zeros [R, G * q, 1] and [R, G * q, D] that the
+    out-of-place reductions start from (never written), and each page's row as an index [pages, G * q, 1]."""
     layout, (num_rows, num_queries, dim) = rows.layout, queries.shape
-    zeros = layout.constant(
-        f"zeros{num_queries}", lambda: queries.new_zeros((num_rows, num_queries), dtype=torch.float32)
-    )
-    output_zeros = layout.constant(f"output{num_queries}", lambda: zeros.new_zeros((num_rows, num_queries, dim)))
-    by_query = layout.constant(f"rows{num_queries}", lambda: layout.page_row[:, None].expand(-1, num_queries))
-    return zeros, output_zeros, by_query
+    zero = layout.constant("zero", lambda: queries.new_zeros(()))
+    row_zeros = layout.constant(f"zeros{num_queries}", lambda: zero.new_zeros((num_rows, num_queries, 1)).float())
+    output_zeros = layout.constant(f"output{num_queries}", lambda: row_zeros.new_zeros((num_rows, num_queries, dim)))
+    by_query = layout.constant(f"rows{num_queries}", lambda: layout.page_row[:, None, None].expand(-1, num_queries, 1))
+    return zero, row_zeros, output_zeros, by_query
 
 
 def _alike_rows(
@@ -83,8 +83,8 @@ def _alike_rows(
         stacked = queries.view(num_rows, 1, num_queries, dim)
         output = F.scaled_dot_product_attention(stacked, keys, values, mask, scale=scaling)
         return AttentionResult(output.view(queries.shape), None, None)
-    zeros = _constants(rows, queries)[0]
-    logits = torch.baddbmm(zeros[:1, :1, None], queries, rows.window("keys").mT, beta=0, alpha=scaling).float()
+    zero = _constants(rows, queries)[0]
+    logits = torch.baddbmm(zero, queries, rows.window("keys", transposed=True), beta=0, alpha=scaling).float()
     if visible is not None:
         logits = logits.masked_fill_(~visible, float("-inf"))
     log_mass = logits.logsumexp(-1)

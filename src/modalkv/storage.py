@@ -8,13 +8,13 @@ e.g. "scores"): row r owns the consecutive slots [row_start[r], row_start[r] + c
 its pages and one combine per row (`kernels.py`), and:
 
 * padding is bounded: a row owns fewer than `page_size` slots beyond max(its length, its limit) + `reserve`, and
-  `page_size` is at most 1/8 of the mean row (at least 8 slots);
+  `page_size` is at most 1/16 of the mean row (at least 8 slots);
 * when all rows hold as many tokens and have the same limit (even budgets: SnapKV, TOVA, H2O on an unpadded batch),
   each row is one page and stays as long as every other: the host then knows the common length (`uniform_length`)
   and attention is a plain sdpa over a slice, with no per-row combine;
 * the steady state of decoding (q tokens appended to every row, then each row over its limit losing its lowest slot
   until it is back at it) reads no device value on the host: lengths live on the device, and the host keeps
-  `headroom`, a lower bound on every row's free slots, so only a growth (amortised: +1/8 per row, at least
+  `headroom`, a lower bound on every row's free slots, so only a growth (amortised: +1/16 per row, at least
   GROWTH_MIN) reads the lengths back.
 
 A token's column is its position in the sequence (int32; what lets several new tokens attend causally to a
@@ -57,7 +57,7 @@ class Layout:
             page_size = -(-needed[0] // MIN_PAGE) * MIN_PAGE
         else:
             mean = sum(needed) / len(needed)
-            page_size = min(MAX_PAGE, max(MIN_PAGE, 1 << max(int(mean / 8), 1).bit_length() - 1))
+            page_size = min(MAX_PAGE, max(MIN_PAGE, 1 << max(int(mean / 16), 1).bit_length() - 1))
         pages = [max(-(-n // page_size), 1) for n in needed]
         first_page = list(itertools.accumulate(pages, initial=0))
         return cls(  # from host lists: nothing read back from the device
@@ -154,16 +154,19 @@ class RaggedRows:
         """Slots per page that can hold a token: alike rows' common length, else the page size."""
         return self.uniform_length if self.uniform_length is not None else self.layout.page_size
 
-    def window(self, name: str, head_axis: bool = False) -> torch.Tensor:
-        """The buffer `name` as [pages, width, ...] ([pages, 1, width, ...] with `head_axis`, as sdpa takes keys), a
-        view kept while the buffers and the width stay: in the steady state of decoding it costs no operation."""
+    def window(self, name: str, head_axis: bool = False, transposed: bool = False) -> torch.Tensor:
+        """The buffer `name` as [pages, width, ...] ([pages, 1, width, ...] with `head_axis`, as sdpa takes keys;
+        [pages, D, width] `transposed`), a view kept while the buffers and the width stay: in the steady state of
+        decoding it costs no operation."""
         width = self.width
-        cached = self.views.get((name, head_axis))
+        key = (name, head_axis, transposed)
+        cached = self.views.get(key)
         if cached is None or cached[0] != width:
             buffer = self.slots[name]
             shape = (-1, 1, self.layout.page_size) if head_axis else (-1, self.layout.page_size)
             view = buffer.view(*shape, *buffer.shape[1:])
-            cached = self.views[(name, head_axis)] = (width, view[:, :, :width] if head_axis else view[:, :width])
+            view = view[:, :, :width] if head_axis else view[:, :width]
+            cached = self.views[key] = (width, view.mT if transposed else view)
         return cached[1]
 
     def holds(self) -> torch.Tensor:
@@ -218,7 +221,7 @@ class RaggedRows:
             self.row_lengths += q
 
     def grow(self, needed: int) -> None:
-        """Re-lays the rows with room for `needed` more tokens each (+1/8, at least GROWTH_MIN): one copy of the
+        """Re-lays the rows with room for `needed` more tokens each (+1/16, at least GROWTH_MIN): one copy of the
         layer, amortised over the tokens that fit before the next growth. Rows without limits know their lengths
         on the host; rows with limits read them (they grow only when a forward brings more than `reserve` tokens)."""
         self.row_lengths = self.lengths
@@ -229,7 +232,7 @@ class RaggedRows:
         limits = lengths if self.limits is None else self.limits.tolist()
         high = [max(n, m) for n, m in zip(lengths, limits, strict=True)]
         old, device = self.layout, self.row_lengths.device
-        self.layout = Layout.for_rows([h + needed + max(GROWTH_MIN, h // 8) for h in high], device)
+        self.layout = Layout.for_rows([h + needed + max(GROWTH_MIN, h // 16) for h in high], device)
         if not self.layout.one_page_per_row:
             self.uniform_length = self.uniform_limit = None
         # Each held token's row and rank within it, from the host-known total: no boolean indexing.

@@ -87,12 +87,14 @@ def greedy_step(model: Callable, logits: torch.Tensor, cache, counter: DispatchC
     return output.logits[:, -1:]
 
 
-def make_cache(model: PreTrainedModel, press: Press | None, total_tokens: int, compile: bool):
+def make_cache(model: PreTrainedModel, press: Press | None, prompt_tokens: int, new_tokens: int, compile: bool):
     """The cache of one cell: transformers' DynamicCache (press None), its StaticCache for the whole run (press None,
-    compiled: transformers' own fast path), or a CompressedCache (compiled: the whole run's tokens reserved)."""
+    compiled: transformers' own fast path), or a CompressedCache (compiled: the new tokens reserved per row)."""
     if press is not None:
-        return compiled_cache(press, total_tokens) if compile else CompressedCache(press)
-    return StaticCache(config=model.config, max_cache_len=total_tokens) if compile else DynamicCache()
+        return compiled_cache(press, new_tokens) if compile else CompressedCache(press)
+    if compile:
+        return StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens)
+    return DynamicCache()
 
 
 def cell_name(press: Press | None, compile: bool) -> str:
@@ -151,7 +153,7 @@ def measure(
     a torch.compile'd forward (the prefill does not); with `press=None` that is transformers' StaticCache + compile.
     Compilation happens in the first steps: `warmup` must cover them (the median is taken after it).
     """
-    cache = make_cache(model, press, prompt.shape[1] + decode_tokens + count_steps + 1, compile)
+    cache = make_cache(model, press, prompt.shape[1], decode_tokens + count_steps + 1, compile)
     forward = model
     if compile:
         torch._dynamo.reset()  # each cell compiles afresh: earlier cells' graphs would count against dynamo's limit

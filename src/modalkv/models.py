@@ -56,20 +56,8 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
-    """Load a causal LM and its tokenizer, or a vision-language model and its processor, ready for batched generation.
-
-    Args:
-        name_or_path: a key of `EMBEDDED_MODELS`, "mini-vlm" (the embedded vision-language model, `modalkv.vlm`),
-            a local folder or a Hugging Face hub id.
-        dtype: weight dtype.
-        attn_implementation: transformers attention implementation, e.g. "sdpa" or "eager".
-        device: where to put the model.
-
-    Returns:
-        `(model, tokenizer)` for a text model, `(model, processor)` for a vision-language one (a config that
-        `AutoModelForImageTextToText` serves): the model in eval mode; the tokenizer (the processor's) pads on the
-        left with a pad token.
-    """
+    """`pretrained.load_pretrained` (an embedded model, a local folder or a hub id: the model and its tokenizer or
+    processor), plus "mini-vlm", the embedded vision-language model (`modalkv.vlm`)."""
     if name_or_path == MINI_VLM:
         from modalkv.vlm import load_mini_vlm  # imported here: only this model needs the vision tower
 

@@ -2,7 +2,7 @@
 
 Liu et al., "RetentiveKV: State-Space Memory for Uncertainty-Aware Multimodal KV Cache Eviction", ACL 2026 Findings,
 https://arxiv.org/abs/2605.04075. No code was published: this is a reconstruction from the paper's equations as
-known (../shared/papers/retentivekv.md); docs/retentivekv.md lists each ambiguity (B1-B14) and our resolution.
+known (abstract, authors' blog); docs/retentivekv.md lists each ambiguity (B1-B14) and our resolution.
 """
 
 from __future__ import annotations

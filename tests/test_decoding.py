@@ -103,7 +103,7 @@ def test_h2o_adds_each_new_attention_and_evicts_the_lowest_outside_the_recent_wi
     attention[0, :, 1] = 1.0  # row 0: token 1 becomes heavy (1 + 1 = 2)
     attention[1, :, 2] = 1.0  # row 1: token 2 becomes 2
     press = get_press("h2o", budget=4)  # recent window = 2 tokens: columns 5 and 6
-    view = DecodeView(rows, attention, {}, None, num_kv_heads=2, query_groups=2, seen=7)
+    view = DecodeView(rows, attention, {}, num_kv_heads=2, query_groups=2, seen=7)
     press.observe(view)
     scores = press.decode_scores(view)
     assert torch.equal(

@@ -139,7 +139,7 @@ def test_convex_read_out_with_identical_absorbed_keys_is_exact_attention_over_al
     layer.store_prefill(inputs)
     q = inputs.queries[0, :, -1:]  # [R = 1, G * q = 1, D]
     result = ragged_attention(layer.rows, q, inputs.scaling, seq - 1, with_weights=True)
-    view = DecodeView(layer.rows, result.weights, layer.memory, None, num_kv_heads=1, query_groups=1, seen=seq)
+    view = DecodeView(layer.rows, result.weights, layer.memory, num_kv_heads=1, query_groups=1, seen=seq)
     combined = press.read_memory(view, q, result.output, result.log_mass)
     exact = torch.softmax(inputs.keys[0, 0] @ q[0, 0] * inputs.scaling, -1) @ inputs.values[0, 0]
     assert not torch.allclose(result.output[0, 0], exact, atol=1e-3)  # eviction alone loses something
@@ -197,7 +197,7 @@ def leaving(layer, slots: list[int | None]) -> tuple[DecodeView, LeavingTokens]:
     tokens = LeavingTokens(
         rows.slots["keys"][flat], rows.slots["values"][flat], flat, torch.tensor([s is not None for s in slots])
     )
-    return DecodeView(rows, None, layer.memory, layer.cache.modality, 2, 2, layer.seen), tokens
+    return DecodeView(rows, None, layer.memory, 2, 2, layer.seen), tokens
 
 
 def test_tokens_leaving_while_decoding_join_the_recall_state_by_the_recurrence(model, prompt):

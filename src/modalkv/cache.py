@@ -140,9 +140,7 @@ class CompressedLayer(CacheLayerMixin):
         result = ragged_attention(rows, queries, scaling, query_columns, with_weights)
         output = result.output
         if self.memory or evicting:
-            view = DecodeView(
-                rows, result.weights, self.memory, self.cache.modality, self.num_kv_heads, groups, self.seen
-            )
+            view = DecodeView(rows, result.weights, self.memory, self.num_kv_heads, groups, self.seen)
             if self.memory:
                 output = press.read_memory(view, queries, output, result.log_mass)
             if evicting:

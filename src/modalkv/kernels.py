@@ -3,7 +3,7 @@
 Each row's G query heads are stacked as G * q queries of a single head, so no key is repeated for GQA. Alike rows
 (one page each, all as long) are one sdpa call over a slice. Ragged rows are paged attention with a flash-decoding
 combine: one batched product of every page with its row's queries, a per-row maximum and sum gathered across the
-row's pages (`index_reduce_`, `index_add_`), then one batched product with the values -- the same dozen kernels
+row's pages (`scatter_reduce`, `index_add`), then one batched product with the values -- the same dozen kernels
 whatever the per-row lengths, so uneven heads (MadaKV) cost what even ones do.
 """
 

@@ -66,7 +66,6 @@ class DecodeView:
     rows: RaggedRows
     attention: torch.Tensor | None  # [pages, G * q, width] the new queries' softmax weights, if the press asked
     memory: dict[str, torch.Tensor]  # the press's per-row state (read and updated in place), [R, ...]
-    modality: torch.Tensor | None  # [B, S] the prompt's modality map, None: text
     num_kv_heads: int
     query_groups: int  # G, query heads per KV head
     seen: int  # sequence columns seen so far (the next token's column)
@@ -92,6 +91,16 @@ class DecodeView:
     def holds(self) -> torch.Tensor | None:
         """[pages, width] which slots hold a token; None when all do (alike rows)."""
         return None if self.rows.uniform_length is not None else self.rows.holds()
+
+    def sum_by_row(self, per_page: torch.Tensor) -> torch.Tensor:
+        """[R, ...] the values of each row's pages ([pages, ...]) summed (alike rows: a page is its row)."""
+        if self.rows.uniform_length is not None:
+            return per_page
+        return per_page.new_zeros((self.rows.num_rows, *per_page.shape[1:])).index_add_(0, self.page_row, per_page)
+
+    def by_page(self, per_row: torch.Tensor) -> torch.Tensor:
+        """[pages, ...] each page's value of its row's ([R, ...]) (alike rows: a page is its row)."""
+        return per_row if self.rows.uniform_length is not None else per_row.index_select(0, self.page_row)
 
 
 @dataclass

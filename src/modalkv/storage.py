@@ -127,8 +127,7 @@ class RaggedRows:
             uniform_limit=limits_list[0] if alike and limits is not None else None,
             reserve=reserve,
         )
-        rows.set_headroom(lengths_list, limits_list)
-        rows.built_lengths = lengths_list if limits is None else None
+        rows.laid_out(lengths_list, limits_list)
         return rows
 
     # -- views --------------------------------------------------------------------------------------------------
@@ -245,14 +244,15 @@ class RaggedRows:
             grown[target] = buffer[source]
             self.slots[name] = grown
         self.views.clear()
-        self.set_headroom(lengths, limits)
-        self.built_lengths = lengths if self.limits is None else None
-        self.appended = 0
+        self.laid_out(lengths, limits)
 
-    def set_headroom(self, lengths: list[int], limits: list[int]) -> None:
+    def laid_out(self, lengths: list[int], limits: list[int]) -> None:
+        """The host-side bookkeeping of a new layout, from the rows' lengths and limits (host lists)."""
         capacities = self.layout.capacities
         self.headroom = min(c - n for c, n in zip(capacities, lengths, strict=True))
         self.evicted_headroom = min(c - m for c, m in zip(capacities, limits, strict=True))
+        self.built_lengths = lengths if self.limits is None else None
+        self.appended = 0
 
     # -- eviction -----------------------------------------------------------------------------------------------
 

@@ -316,27 +316,19 @@ class RetentiveKVPress(Press):
         if "visual" not in rows.slots and rows.uniform_length is not None:  # text, alike rows: one normaliser
             scale = -self.gate_weight / math.log(max(rows.uniform_length, 2))
             return torch.add(self.gate_bias, torch.special.xlogy(weights, weights).sum(-1, keepdim=True), alpha=scale)
-        page_row, num_rows = view.page_row, rows.num_rows
         holds = view.holds()
         if "visual" not in rows.slots:  # text: the weights are already a distribution over the stored tokens
             members, counts = None, rows.lengths
         else:
             visual = view.slot("visual") if holds is None else view.slot("visual") & holds
-            counts = visual.sum(-1)
-            if holds is not None:
-                counts = counts.new_zeros(num_rows).index_add_(0, page_row, counts)
+            counts = view.sum_by_row(visual.sum(-1))
             by_visual = counts >= 2  # [R]
-            if holds is None:
-                members = torch.where(by_visual[:, None], visual, True)
-            else:
-                members = torch.where(by_visual.index_select(0, page_row)[:, None], visual, holds)
+            members = torch.where(view.by_page(by_visual)[:, None], visual, True if holds is None else holds)
             counts = torch.where(by_visual, counts, rows.lengths)
         p = weights if members is None else weights * members[:, None]
-        total, plogp = p.sum(-1), torch.special.xlogy(p, p).sum(-1)  # per page, before normalising p
-        if holds is not None:
-            total = total.new_zeros(num_rows, total.shape[1]).index_add_(0, page_row, total)
-            plogp = plogp.new_zeros(total.shape).index_add_(0, page_row, plogp)
-        total = total.clamp(min=1e-30)
+        # Per row, before normalising p: its total T and sum p log p.
+        total = view.sum_by_row(p.sum(-1)).clamp(min=1e-30)
+        plogp = view.sum_by_row(torch.special.xlogy(p, p).sum(-1))
         entropy = total.log() - plogp / total  # -sum (p / T) log (p / T) = log T - (sum p log p) / T
         return (self.gate_weight * entropy / counts.clamp(min=2).float().log()[:, None] + self.gate_bias)[..., None]
 

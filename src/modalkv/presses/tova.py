@@ -41,7 +41,8 @@ class TOVAPress(Press):
             return latest.view(-1, heads, width).mean(dim=1, keepdim=True).expand(-1, heads, -1).reshape(pages, width)
         layout = view.rows.layout
         batch, most_pages = len(layout.capacities) // heads, max(layout.capacities) // width
-        counterpart = (view.page_row // heads) * most_pages + layout.page_offset // width
-        sums = latest.new_zeros((batch * most_pages, width))
-        sums.index_add_(0, counterpart, latest)
+        counterpart = view.constant(  # (batch row, page within the row): the same for every KV head of the row
+            "tova.counterpart", lambda: (view.page_row // heads) * most_pages + layout.page_offset // width
+        )
+        sums = latest.new_zeros((batch * most_pages, width)).index_add_(0, counterpart, latest)
         return sums.index_select(0, counterpart) / heads

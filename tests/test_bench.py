@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_cli import assert_fails, invoke
 
-from modalkv import cli, get_press
-from modalkv.bench import FLOOR_CONTEXT, decode_dispatch, measure, run_grid
+from modalkv import bench_cli, get_press
+from modalkv.bench import FLOOR_CONTEXT, Prompts, decode_dispatch, measure, run_grid
 
 
-def prompt_of_length(length: int) -> torch.Tensor:
-    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(length))
+def prompt_of_length(length: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(length))
 
 
 def test_measure_counts_the_cache_it_holds(model):
@@ -76,7 +76,7 @@ def test_grid_rows_carry_dispatch_counts_and_the_table_shows_them(model, monkeyp
 
     # `modalkv bench` on the tiny model: its random-token prompts instead of the tokenizer's passkey text
     real_grid = modalkv.bench.run_grid
-    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: (model, None))
+    monkeypatch.setattr(bench_cli, "load_model", lambda *args, **kwargs: (model, None))
     monkeypatch.setattr(
         modalkv.bench, "run_grid", lambda m, _, *rest, **kw: real_grid(m, prompt_of_length, *rest, **kw)
     )
@@ -108,10 +108,11 @@ def test_bench_cli_writes_json_and_refuses_contexts_past_the_model(tmp_path):
 
 @pytest.mark.slow
 def test_prefill_memory_is_measured_in_a_fresh_process():
-    from modalkv.prefill_memory import measure_in_subprocess
+    from modalkv.peak_memory import measure_in_subprocess
 
-    plain = measure_in_subprocess("smollm2-135m", "float32", "dynamic_cache", 1.0, 3000)
-    ours = measure_in_subprocess("smollm2-135m", "float32", "snapkv", 0.2, 3000)
+    prompt = torch.randint(0, 49152, (1, 3000), generator=torch.Generator().manual_seed(0))
+    plain = measure_in_subprocess("smollm2-135m", "float32", None, prompt)
+    ours = measure_in_subprocess("smollm2-135m", "float32", get_press("snapkv", budget=0.2), prompt)
     assert plain["cache_mib"] == pytest.approx(3000 * 46080 / 2**20)  # 46,080 bytes per token (ENVIRONMENT.md)
     assert ours["cache_mib"] == pytest.approx(600 * 46080 / 2**20)
     # The peak includes what each prefill leaves in its cache. (That the compressed prefill peaks lower is measured
@@ -128,3 +129,105 @@ def test_grid_with_compile_adds_compiled_methods_and_transformers_static_cache_a
         assert row["decode_speedup"] == pytest.approx(row["baseline_ms_per_token"] / row["decode_ms_per_token"])
     # The compiled cell decodes its untimed compilation steps too: 20 kept + 3 timed + 4 more generated tokens.
     assert rows[2]["cache_bytes"] == 2 * 2 * (20 + 3 + 4) * 2 * 16 * 4
+
+
+def test_grid_measures_batches_with_throughput_and_bytes_per_sequence(model):
+    press = get_press("snapkv", budget=0.5, window_size=4)
+    seen = []
+    rows = run_grid(
+        model, prompt_of_length, [press], [40], decode_tokens=3, count_steps=0, batches=[1, 3], on_run=seen.append
+    )
+    assert sorted({(run.batch, run.context) for run in seen}) == [
+        (1, 40),
+        (1, FLOOR_CONTEXT),
+        (3, 40),
+        (3, FLOOR_CONTEXT),
+    ]
+    assert [(row["batch"], row["context"]) for row in rows] == [(1, 40), (3, 40)]
+    for row in rows:
+        assert row["tokens_per_second"] == pytest.approx(1000 * row["batch"] / row["decode_ms_per_token"])
+        assert row["throughput_speedup"] == pytest.approx(row["tokens_per_second"] / row["baseline_tokens_per_second"])
+        assert row["prompt_tokens"] == 40 * row["batch"]
+        # per sequence: 20 kept after prefill, + the 3 decoded ones; 2 layers x 2 KV heads x K+V x D x fp32
+        assert row["bytes_per_sequence_prefill"] == 2 * 2 * 20 * 2 * 16 * 4
+        assert row["bytes_per_sequence_decoded"] == 2 * 2 * (20 + 3) * 2 * 16 * 4
+        assert row["baseline_bytes_per_sequence_decoded"] == 2 * 2 * (40 + 3) * 2 * 16 * 4
+
+
+def test_a_ragged_batch_is_left_padded_and_the_compressed_cache_holds_only_real_tokens(model):
+    ids = prompt_of_length(40, 2)
+    mask = torch.ones_like(ids)
+    mask[1, :16] = 0  # the second prompt is 24 tokens, left-padded
+    prompts = Prompts(ids, mask)
+    plain = measure(model, None, prompts, decode_tokens=3)
+    assert plain.batch == 2 and plain.prompt_tokens == 64
+    assert plain.cache_bytes == 2 * 2 * 2 * (40 + 3) * 2 * 16 * 4  # DynamicCache stores the padding too
+    run = measure(model, get_press("snapkv", budget=0.5, window_size=4), prompts, decode_tokens=3)
+    kept = (20 + 3) + (12 + 3)  # half of each real prompt, then the decoded tokens
+    assert run.cache_bytes == 2 * 2 * kept * 2 * 16 * 4
+
+
+def test_passkey_prompts_are_distinct_and_ragged_ones_left_padded():
+    from transformers import AutoTokenizer
+
+    from modalkv.models import embedded_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2-135m", torch.float32))
+    even = bench_cli.passkey_prompts(tokenizer, 200, 3, ragged=False)
+    assert even.attention_mask is None and even.input_ids.shape == (3, 200)
+    assert len({tuple(row.tolist()) for row in even.input_ids}) == 3
+    ragged = bench_cli.passkey_prompts(tokenizer, 200, 3, ragged=True)
+    assert ragged.attention_mask.sum(1).tolist() == [200, 150, 100]
+    assert ragged.attention_mask[2, :100].sum() == 0 and ragged.attention_mask[2, 100:].all()  # padding on the left
+
+
+def test_bench_cli_batches_ragged_and_capacity_rows(model, monkeypatch, tmp_path):
+    """The CLI's plumbing: batch rows, the capacity table and its ratios, figures (the measurement itself:
+    tests/test_peak_memory.py)."""
+    import modalkv.bench
+    import modalkv.peak_memory
+
+    real_grid = modalkv.bench.run_grid
+    monkeypatch.setattr(bench_cli, "load_model", lambda *args, **kwargs: (model, None))
+    monkeypatch.setattr(
+        bench_cli, "passkey_prompts", lambda _, length, batch, ragged: Prompts(prompt_of_length(length, batch))
+    )
+    monkeypatch.setattr(
+        modalkv.bench, "run_grid", lambda m, _, *rest, **kw: real_grid(m, prompt_of_length, *rest, **kw)
+    )
+
+    def fake_capacity(model_name, dtype, press, prompts, limit, decode_tokens, threads, on_trial):
+        per_sequence = 100 if press is None else 100 * press.budget
+        best = int(limit // per_sequence)
+        on_trial(best, best * per_sequence)
+        return {
+            "method": "dynamic_cache" if press is None else press.label(),
+            "budget": 1.0 if press is None else press.budget,
+            "context": prompts.shape[1],
+            "memory_limit_bytes": limit,
+            "decode_tokens": decode_tokens,
+            "max_batch": best,
+            "peak_bytes": best * per_sequence,
+            "tokens_per_second": 1.0,
+            "bytes_per_sequence": per_sequence,
+            "trials": {str(best): best * per_sequence},
+        }
+
+    monkeypatch.setattr(modalkv.peak_memory, "capacity", fake_capacity)
+    args = ["bench", "--context", "40", "--decode-tokens", "3", "--methods", "snapkv", "--budgets", "0.25,0.5"]
+    result = invoke(
+        *args, "--batch", "1,2", "--memory-limit", str(1000 / 2**30), "--count-steps", "0", "--out", tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert [(row["budget"], row["batch"]) for row in record["rows"]] == [(0.25, 1), (0.5, 1), (0.25, 2), (0.5, 2)]
+    assert [(row["method"], row["max_batch"], row["concurrency_ratio"]) for row in record["capacity"]] == [
+        ("dynamic_cache", 10, 1.0),
+        ("snapkv", 40, 4.0),
+        ("snapkv", 20, 2.0),
+    ]
+    assert "most sequences in flight" in result.stdout and "4.0x" in result.stdout
+    for figure in ("throughput_vs_batch", "max_concurrent", "decode_vs_context"):
+        assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
+    assert_fails(invoke(*args, "--batch", "0", "--out", tmp_path), "--batch takes positive batch sizes")
+    assert_fails(invoke(*args, "--ragged", "--compile", "--out", tmp_path), "--ragged with --compile is not supported")

@@ -1,9 +1,11 @@
 """Memory and decode-speed benchmark: every number a ratio to the uncompressed cache measured in the same run.
 
-For each context length the uncompressed baseline and each (method, budget) cell are run in turn, `repeats`
-times, interleaved so that a noisy neighbour slows both; the short-context floor (decoding with a 256-token
-context, where what remains is reading the weights) is measured in the same rounds. Peak memory needs one process
-per cell (the allocator keeps what earlier runs freed): see `prefill_memory.py`.
+For each context length and batch size the uncompressed baseline and each (method, budget) cell are run in turn,
+`repeats` times, interleaved so that a noisy neighbour slows both; the short-context floor (decoding with a 256-token
+context at the same batch, where what remains is reading the weights) is measured in the same rounds. A batch is
+`batch` distinct prompts decoded together (left-padded when their lengths differ); its throughput is batch x tokens
+per second. Peak memory and the largest batch under a memory limit are measured in fresh processes:
+`peak_memory.py`.
 
 What a GPU pays per decode step is also counted, on any device (`decode_dispatch`, `modalkv.profiling`): aten
 operations per layer and step (each at most one kernel launch) and host-device synchronisations per step.
@@ -16,8 +18,10 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from modalkv.api import compiled_cache
@@ -29,6 +33,26 @@ from modalkv.profiling import DispatchCounter
 FLOOR_CONTEXT = 256
 COUNT_STEPS = 4  # decode steps counted at dispatch level per method and context, after the timed ones
 COMPILE_WARMUP = 6  # untimed first steps of a compiled cell: compilation and recompilations (growth, new views)
+
+
+class Prompts(NamedTuple):
+    """A batch of prompts: token ids [B, S], left-padded when lengths differ, and their mask (None: no padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def context(self) -> int:
+        """The longest prompt's length (the padded width)."""
+        return self.input_ids.shape[1]
+
+    def rows(self, index: torch.Tensor) -> Prompts:
+        mask = None if self.attention_mask is None else self.attention_mask[index]
+        return Prompts(self.input_ids[index], mask)
 
 
 @dataclass
@@ -58,33 +82,63 @@ class Run:
 
     method: str
     budget: float | int
-    context: int
+    context: int  # the longest prompt of the batch
     prefill_seconds: float
-    decode_ms_per_token: float  # median over decoded tokens after `warmup`
-    cache_bytes: int  # KV bytes held after decoding
+    decode_ms_per_token: float  # median decoding step after `warmup` (one token for every sequence of the batch)
+    cache_bytes: int  # KV bytes held after decoding, the whole batch
     full_cache_bytes: int
     memory_bytes: int = 0  # a press's state beside the tokens (RetentiveKV), not in cache_bytes
     allocated_bytes: int = 0  # what the cache's storage allocated (kept + slack + positions); the baseline: cache_bytes
+    batch: int = 1
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens over the batch
+    decoded_tokens: int = 0  # tokens each sequence decoded before the sizes were taken
+    bytes_per_sequence_prefill: float = 0.0  # (cache + press state) bytes per sequence right after the prefill
+    bytes_per_sequence_decoded: float = 0.0  # the same after `decoded_tokens` steps
     ops_per_layer_step: float | None = None  # aten ops per layer and decode step (None: not counted)
     syncs_per_step: float | None = None  # host syncs per decode step
     top_ops: dict[str, float] | None = None  # op name -> calls per step
     sync_sites: dict[str, float] | None = None  # "kind at file:line in function" -> syncs per step
 
 
-def prefill_logits(model: PreTrainedModel, prompt: torch.Tensor, cache) -> torch.Tensor:
-    """Prefills `cache` with `prompt`; returns the last position's logits [batch, 1, vocab]."""
-    # Only the last position's logits, as generate() asks: the full [S, vocab] logits would dominate prefill.
-    return model(prompt, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1).logits
+@dataclass
+class Decoder:
+    """Greedy decoding of a prefilled cache with `model` (or its compiled forward): the argmax of the last logits
+    fed back. The token stays on the device: no `.item()`, so feeding it back is no sync. With padded prompts the
+    mask grows by one real column per step, as generate() does it."""
+
+    model: Callable
+    cache: object
+    logits: torch.Tensor  # [B, 1, vocab]: the last position's
+    attention_mask: torch.Tensor | None = None
+
+    @classmethod
+    def prefill(cls, model: PreTrainedModel, prompts: Prompts, cache) -> Decoder:
+        """Prefills `cache` with `prompts` (only the last position's logits, as generate() asks: the full [S, vocab]
+        logits would dominate the prefill)."""
+        mask = prompts.attention_mask
+        extra = {} if mask is None else {"attention_mask": mask}
+        logits = model(prompts.input_ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1, **extra).logits
+        return cls(model, cache, logits, mask)
+
+    def step(self, counter: DispatchCounter | None = None) -> None:
+        """One decoding step for every sequence; only the model call is counted."""
+        token = self.logits.argmax(-1)
+        extra = {}
+        if self.attention_mask is not None:
+            self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+            extra["attention_mask"] = self.attention_mask
+        with counter if counter is not None else contextlib.nullcontext():
+            output = self.model(token, **{CACHE_KWARG: self.cache}, use_cache=True, **extra)
+        self.logits = output.logits[:, -1:]
 
 
-def greedy_step(model: Callable, logits: torch.Tensor, cache, counter: DispatchCounter | None = None):
-    """One greedy step of `model` (or its compiled forward): the argmax of `logits` fed back; returns the new last
-    logits. Only the model is counted. The token stays on the device: no `.item()`, so feeding it back is no sync.
-    """
-    token = logits.argmax(-1)
-    with counter if counter is not None else contextlib.nullcontext():
-        output = model(token, **{CACHE_KWARG: cache}, use_cache=True)
-    return output.logits[:, -1:]
+def held_bytes(cache) -> tuple[int, int, int, int]:
+    """(kept K/V bytes, press state bytes, allocated bytes, uncompressed bytes) of a cache: a CompressedCache's
+    own accounting, or what transformers' DynamicCache / StaticCache tensors hold (padding included)."""
+    if isinstance(cache, CompressedCache):
+        return cache.cache_bytes(), cache.memory_bytes(), cache.allocated_bytes(), cache.full_cache_bytes()
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+    return held, 0, held, held
 
 
 def make_cache(model: PreTrainedModel, press: Press | None, prompt_tokens: int, new_tokens: int, compile: bool):
@@ -103,16 +157,16 @@ def cell_name(press: Press | None, compile: bool) -> str:
 
 
 @torch.no_grad()
-def count_decode(model: PreTrainedModel, cache, logits: torch.Tensor, steps: int, warmup: int = 0) -> DecodeDispatch:
-    """`warmup` uncounted then `steps` counted greedy steps on an already prefilled `cache` (press attached)."""
+def count_decode(decoder: Decoder, layers: int, steps: int, warmup: int = 0) -> DecodeDispatch:
+    """`warmup` uncounted then `steps` counted greedy steps of a prefilled decoder (press attached)."""
     for _ in range(warmup):
-        logits = greedy_step(model, logits, cache)
+        decoder.step()
     counter = DispatchCounter()
     for _ in range(steps):
-        logits = greedy_step(model, logits, cache, counter)
+        decoder.step(counter)
     return DecodeDispatch(
         steps=steps,
-        layers=model.config.get_text_config().num_hidden_layers,
+        layers=layers,
         ops=counter.total_ops,
         syncs=counter.total_syncs,
         top_ops={name: count / steps for name, count in counter.top_ops(10)},
@@ -132,15 +186,16 @@ def decode_dispatch(
     the headline figures; `.report` says which ops dominate and where the syncs come from.
     """
     cache = DynamicCache() if press is None else CompressedCache(press)
+    layers = model.config.get_text_config().num_hidden_layers
     with contextlib.nullcontext() if press is None else press.attach(model):
-        return count_decode(model, cache, prefill_logits(model, prompt, cache), steps, warmup)
+        return count_decode(Decoder.prefill(model, Prompts(prompt), cache), layers, steps, warmup)
 
 
 @torch.no_grad()
 def measure(
     model: PreTrainedModel,
     press: Press | None,
-    prompt: torch.Tensor,
+    prompts: Prompts | torch.Tensor,
     decode_tokens: int,
     warmup: int = 2,
     count_steps: int = 0,
@@ -148,47 +203,54 @@ def measure(
 ):
     """Greedy prefill + `decode_tokens` steps; `press=None` is transformers' own DynamicCache (the baseline).
 
-    `count_steps` > 0 then counts aten ops and host syncs over that many more steps (`count_decode`), untimed: the
-    timed steps were their warm-up, and the cache sizes are taken before them. `compile`: the decoding steps run
-    a torch.compile'd forward (the prefill does not); with `press=None` that is transformers' StaticCache + compile.
-    Compilation happens in the first steps: `warmup` must cover them (the median is taken after it).
+    `prompts`: a batch (a tensor is one unpadded batch). `count_steps` > 0 then counts aten ops and host syncs over
+    that many more steps (`count_decode`), untimed: the timed steps were their warm-up, and the cache sizes are taken
+    before them. `compile`: the decoding steps run a torch.compile'd forward (the prefill does not); with
+    `press=None` that is transformers' StaticCache + compile. Compilation happens in the first steps: `warmup` must
+    cover them (the median is taken after it).
     """
-    cache = make_cache(model, press, prompt.shape[1], decode_tokens + count_steps + 1, compile)
+    prompts = prompts if isinstance(prompts, Prompts) else Prompts(prompts)
+    cache = make_cache(model, press, prompts.context, decode_tokens + count_steps + 1, compile)
     forward = model
     if compile:
         torch._dynamo.reset()  # each cell compiles afresh: earlier cells' graphs would count against dynamo's limit
-        forward = torch.compile(model, mode="reduce-overhead" if prompt.is_cuda else "default")
+        forward = torch.compile(model, mode="reduce-overhead" if prompts.input_ids.is_cuda else "default")
     # GPU kernels run asynchronously: wait for them, or the clock measures only their launch.
-    synchronize = torch.cuda.synchronize if prompt.is_cuda else lambda: None
+    synchronize = torch.cuda.synchronize if prompts.input_ids.is_cuda else lambda: None
+    batch = prompts.batch
     with contextlib.nullcontext() if press is None else press.attach(model):
         synchronize()
         start = time.perf_counter()
-        logits = prefill_logits(model, prompt, cache)
+        decoder = Decoder.prefill(model, prompts, cache)
         synchronize()
         prefill = time.perf_counter() - start
+        after_prefill = held_bytes(cache)
+        decoder.model = forward
         steps = []
         for _ in range(decode_tokens):
             start = time.perf_counter()
-            logits = greedy_step(forward, logits, cache)
+            decoder.step()
             synchronize()
             steps.append(time.perf_counter() - start)
-        if press is None:
-            held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # static: what it holds
-            full_bytes, memory, allocated = held, 0, held
-        else:
-            held, full_bytes, memory = cache.cache_bytes(), cache.full_cache_bytes(), cache.memory_bytes()
-            allocated = cache.allocated_bytes()
-        dispatch = count_decode(model, cache, logits, count_steps) if count_steps and not compile else None
+        held, memory, allocated, full_bytes = held_bytes(cache)
+        layers = model.config.get_text_config().num_hidden_layers
+        dispatch = count_decode(decoder, layers, count_steps) if count_steps and not compile else None
+    mask = prompts.attention_mask
     return Run(
         method=cell_name(press, compile),
         budget=1.0 if press is None else press.budget,
-        context=prompt.shape[1],
+        context=prompts.context,
         prefill_seconds=prefill,
         decode_ms_per_token=1000 * statistics.median(steps[warmup:] or steps),
         cache_bytes=held,
         full_cache_bytes=full_bytes,
         memory_bytes=memory,
         allocated_bytes=allocated,
+        batch=batch,
+        prompt_tokens=int(mask.sum()) if mask is not None else batch * prompts.context,
+        decoded_tokens=decode_tokens,
+        bytes_per_sequence_prefill=(after_prefill[0] + after_prefill[1]) / batch,
+        bytes_per_sequence_decoded=(held + memory) / batch,
         ops_per_layer_step=dispatch and dispatch.ops_per_layer_step,
         syncs_per_step=dispatch and dispatch.syncs_per_step,
         top_ops=dispatch and dispatch.top_ops,
@@ -198,7 +260,7 @@ def measure(
 
 def run_grid(
     model: PreTrainedModel,
-    prompt_of_length: Callable[[int], torch.Tensor],
+    prompts_of: Callable[[int, int], Prompts | torch.Tensor],
     presses: list[Press],
     contexts: list[int],
     decode_tokens: int,
@@ -206,12 +268,19 @@ def run_grid(
     on_run: Callable[[Run], None] | None = None,
     count_steps: int = COUNT_STEPS,
     compile: bool = False,
+    batches: tuple[int, ...] | list[int] = (1,),
 ) -> list[dict]:
-    """Runs every press at every context against the baseline and the floor, interleaved; returns summary rows.
+    """Runs every press at every context and batch size against the baseline and the floor, interleaved; returns
+    summary rows. `prompts_of(context, batch)` gives the prompts (distinct texts: a batch of copies would let a
+    method's choices coincide across rows).
 
-    The first round of each context also counts aten ops and host syncs over `count_steps` untimed decode steps
-    after the timed ones (0: not counted) for the baseline and every press: `ops_per_layer_step`, `syncs_per_step`
-    (and the baseline's as `baseline_ops_per_layer_step`, `baseline_syncs_per_step`).
+    The first round of each (context, batch) also counts aten ops and host syncs over `count_steps` untimed decode
+    steps after the timed ones (0: not counted) for the baseline and every press: `ops_per_layer_step`,
+    `syncs_per_step` (and the baseline's as `baseline_ops_per_layer_step`, `baseline_syncs_per_step`).
+
+    Rows carry `tokens_per_second` (batch x decoding steps per second) and `throughput_speedup`, tokens/s over
+    DynamicCache's at the same batch and context (at one batch that equals `decode_speedup`; across batches the
+    tokens/s are what compare).
 
     `compile`: every press also runs compiled (its row's method ends in "+compile"), and transformers' StaticCache +
     compile joins as a peer row; the ratios stay to the eager DynamicCache. Compiling takes the first decoding steps
@@ -219,37 +288,54 @@ def run_grid(
     """
     rows = []
     for context in contexts:
-        prompt, floor_prompt = prompt_of_length(context), prompt_of_length(FLOOR_CONTEXT)
-        runs: dict[str, list[Run]] = {}
-        for round_ in range(repeats):
-            cells = [("baseline", None, prompt, False), ("floor", None, floor_prompt, False)]
-            cells += [(press.label() + f"@{press.budget}", press, prompt, False) for press in presses]
-            if compile:
-                cells += [("static_cache+compile", None, prompt, True)]
-                cells += [(press.label() + f"+compile@{press.budget}", press, prompt, True) for press in presses]
-            for key, press, tokens, compiled in cells:
-                count = count_steps if round_ == 0 and key != "floor" else 0
-                warmup = COMPILE_WARMUP if compiled else 2
-                run = measure(model, press, tokens, decode_tokens + warmup - 2, warmup, count, compiled)
-                runs.setdefault(key, []).append(run)
-                if on_run is not None:
-                    on_run(run)
-        baseline = runs.pop("baseline")
-        baseline_ms = statistics.median(r.decode_ms_per_token for r in baseline)
-        floor_ms = statistics.median(r.decode_ms_per_token for r in runs.pop("floor"))
-        for cell in runs.values():
-            ms = statistics.median(r.decode_ms_per_token for r in cell)
-            row = asdict(cell[0]) | {
+        for batch in batches:
+            prompts, floor_prompts = prompts_of(context, batch), prompts_of(FLOOR_CONTEXT, batch)
+            runs: dict[str, list[Run]] = {}
+            for round_ in range(repeats):
+                cells = [("baseline", None, prompts, False), ("floor", None, floor_prompts, False)]
+                cells += [(press.label() + f"@{press.budget}", press, prompts, False) for press in presses]
+                if compile:
+                    cells += [("static_cache+compile", None, prompts, True)]
+                    cells += [(press.label() + f"+compile@{press.budget}", press, prompts, True) for press in presses]
+                for key, press, tokens, compiled in cells:
+                    count = count_steps if round_ == 0 and key != "floor" else 0
+                    warmup = COMPILE_WARMUP if compiled else 2
+                    run = measure(model, press, tokens, decode_tokens + warmup - 2, warmup, count, compiled)
+                    runs.setdefault(key, []).append(run)
+                    if on_run is not None:
+                        on_run(run)
+            rows += summarise(runs)
+    return rows
+
+
+def summarise(runs: dict[str, list[Run]]) -> list[dict]:
+    """Rows of one (context, batch): each cell's medians over rounds, with its ratios to the same run's baseline
+    ("baseline") and floor ("floor")."""
+    baseline = runs.pop("baseline")
+    baseline_ms = statistics.median(r.decode_ms_per_token for r in baseline)
+    floor_ms = statistics.median(r.decode_ms_per_token for r in runs.pop("floor"))
+    rows = []
+    for cell in runs.values():
+        ms = statistics.median(r.decode_ms_per_token for r in cell)
+        batch = cell[0].batch
+        rows.append(
+            asdict(cell[0])
+            | {
                 "decode_ms_per_token": ms,
                 "prefill_seconds": statistics.median(r.prefill_seconds for r in cell),
                 "baseline_ms_per_token": baseline_ms,
                 "baseline_ops_per_layer_step": baseline[0].ops_per_layer_step,
                 "baseline_syncs_per_step": baseline[0].syncs_per_step,
+                "baseline_bytes_per_sequence_prefill": baseline[0].bytes_per_sequence_prefill,
+                "baseline_bytes_per_sequence_decoded": baseline[0].bytes_per_sequence_decoded,
                 "floor_ms_per_token": floor_ms,
                 "decode_speedup": baseline_ms / ms,
+                "tokens_per_second": 1000 * batch / ms,
+                "baseline_tokens_per_second": 1000 * batch / baseline_ms,
+                "throughput_speedup": baseline_ms / ms,
                 "vs_floor": ms / floor_ms,
                 "cache_ratio": cell[0].cache_bytes / cell[0].full_cache_bytes,
                 "repeats": len(cell),
             }
-            rows.append(row)
+        )
     return rows

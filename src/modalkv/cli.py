@@ -16,6 +16,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from modalkv.api import check_prompt_length
+from modalkv.bench_cli import bench_command
 from modalkv.cache import CompressedCache
 from modalkv.cli_common import console, fail, parse_budget, parse_params
 from modalkv.compat import CACHE_KWARG
@@ -296,133 +297,6 @@ def methods() -> None:
     Console(width=160).print(table)
 
 
-BENCH_COLUMNS = [
-    ("method", lambda row: row["method"]),
-    ("budget", lambda row: str(row["budget"])),
-    ("context", lambda row: str(row["context"])),
-    ("decode ms/token", lambda row: f"{row['decode_ms_per_token']:.1f}"),
-    ("speed-up vs DynamicCache", lambda row: f"{row['decode_speedup']:.2f}x"),
-    ("vs 256-token floor", lambda row: f"{row['vs_floor']:.2f}"),
-    ("cache ratio", lambda row: f"{row['cache_ratio']:.3f}"),
-    ("prefill s", lambda row: f"{row['prefill_seconds']:.2f}"),
-    ("ops/layer-step", lambda row: "-" if row["ops_per_layer_step"] is None else f"{row['ops_per_layer_step']:.0f}"),
-    ("syncs/step", lambda row: "-" if row["syncs_per_step"] is None else f"{row['syncs_per_step']:g}"),
-]
-
-
-MEMORY_COLUMNS = [
-    ("prefill peak MiB", lambda row: f"{row['prefill_peak_mib']:.0f}"),
-    ("DynamicCache prefill peak MiB", lambda row: f"{row['baseline_prefill_peak_mib']:.0f}"),
-]
-
-
-@app.command()
-def bench(
-    out: Annotated[Path, typer.Option(help="folder for bench.json")],
-    model: ModelOption = DEFAULT_MODEL,
-    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "snapkv,streaming_llm",
-    budgets: Annotated[str, typer.Option(help="comma-separated budgets")] = "0.2",
-    context: Annotated[str, typer.Option(help="comma-separated context lengths (tokens)")] = "1024,2048,4096",
-    decode_tokens: Annotated[int, typer.Option(min=3)] = 32,
-    repeats: Annotated[int, typer.Option(min=1, help="interleaved rounds per context")] = 1,
-    dtype: DtypeOption = "float32",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
-    memory: Annotated[bool, typer.Option(help="also measure prefill peak memory, one fresh process per cell")] = False,
-    count_steps: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="untimed decode steps after the timed ones over which aten ops per layer-step and host syncs per "
-            "step are counted, per method and context (0: not counted)",
-        ),
-    ] = 4,
-    param: Annotated[
-        list[str] | None,
-        typer.Option("--param", "-p", help="method parameter KEY=VALUE, given to every method that has it"),
-    ] = None,
-    compile: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="also run every method with a torch.compile'd decoding step, and transformers' StaticCache + "
-            "compile as a peer (compilation takes minutes per cell on a CPU)",
-        ),
-    ] = False,
-) -> None:
-    """Decode speed, prefill time and cache size per method and budget, as ratios to the uncompressed cache."""
-    from modalkv.bench import run_grid
-    from modalkv.eval.passkey import passkey_example
-    from modalkv.eval.runner import make_presses
-
-    try:
-        budget_list = [parse_budget(b) for b in budgets.split(",")]
-        presses = make_presses(methods.split(","), budget_list, parse_params(param))
-        lengths = [int(n) for n in context.split(",")]
-        with console.status(f"loading {model}"):
-            lm, tokenizer = load_model(model, dtype=parse_dtype(dtype))
-        for length in lengths:
-            check_prompt_length(lm, length, decode_tokens)
-    except ValueError as error:
-        raise fail(error) from error
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    def prompt_of_length(length: int) -> torch.Tensor:
-        text = passkey_example(tokenizer, length + 64, seed=length).text
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
-
-    total = len(lengths) * repeats * (len(presses) + 2 + (len(presses) + 1 if compile else 0))
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=total)
-        rows = run_grid(
-            lm,
-            prompt_of_length,
-            presses,
-            lengths,
-            decode_tokens,
-            repeats,
-            on_run=lambda run: progress.update(task, advance=1, description=f"{run.method} at {run.context}"),
-            count_steps=count_steps,
-            compile=compile,
-        )
-    if memory:
-        from modalkv.prefill_memory import measure_in_subprocess
-
-        with console.status("prefill peak memory, one process per cell"):
-            baseline = {n: measure_in_subprocess(model, dtype, "dynamic_cache", 1.0, n) for n in lengths}
-            for row in rows:
-                ours = measure_in_subprocess(model, dtype, row["method"], row["budget"], row["context"])
-                row["prefill_peak_mib"] = ours["prefill_peak_mib"]
-                row["baseline_prefill_peak_mib"] = baseline[row["context"]]["prefill_peak_mib"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(
-        json.dumps(
-            {
-                "model": model,
-                "dtype": dtype,
-                "threads": torch.get_num_threads(),
-                "decode_tokens": decode_tokens,
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
-    table = Table(title=f"{model}, {dtype}, {torch.get_num_threads()} threads; ratios measured in the same run")
-    for column, _ in BENCH_COLUMNS:
-        table.add_column(column)
-    columns = BENCH_COLUMNS + (MEMORY_COLUMNS if memory else [])
-    for column, _ in columns[len(BENCH_COLUMNS) :]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(show(row) for _, show in columns))
-    Console(width=160).print(table)
-    from modalkv.plots import bench_figures
-
-    for name, figure in bench_figures(rows, f"{model}, {dtype}, {torch.get_num_threads()} threads").items():
-        figure.savefig(out / f"{name}.png", dpi=120)
-    console.print(f"wrote {out / 'bench.json'} and the figures beside it")
-
-
 @app.command()
 def demo(
     model: ModelOption = DEFAULT_MODEL,
@@ -472,5 +346,6 @@ def demo(
     Console(width=140).print(table)
 
 
+app.command("bench")(bench_command)
 app.command("eval")(eval_command)
 app.command("report")(report_command)

@@ -40,16 +40,22 @@ def head_preference_figure(preference: list[list[float]], kept: list[list[int]],
     return figure
 
 
-def bench_figures(rows: list[dict], title: str) -> dict[str, Figure]:
+def bench_figures(rows: list[dict], title: str, capacity: list[dict] | None = None) -> dict[str, Figure]:
     """The benchmark's pictures from `modalkv bench` rows (bench.json): decode ms/token vs context per method with the
     uncompressed baseline and the short-context floor; speed-up over the baseline vs budget at the longest context;
-    KV-cache MiB (and prefill peak MiB when measured) vs context."""
+    KV-cache MiB (and prefill peak MiB when measured) vs context -- these three at the smallest batch. With several
+    batch sizes, tokens/s vs batch per method at the longest context; with `capacity` rows (--memory-limit), the most
+    sequences in flight per method."""
     plt = _pyplot()
+    figures = throughput_figures(rows, title, capacity or [])
+    smallest = min(row["batch"] for row in rows)
+    rows = [row for row in rows if row["batch"] == smallest]
+    if smallest > 1:
+        title = f"{title}, batch {smallest}"
     cells: dict[str, list[dict]] = {}
     for row in rows:
         cells.setdefault(f"{row['method']} @ {row['budget']}", []).append(row)
     contexts = sorted({row["context"] for row in rows})
-    figures = {}
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     baseline = {row["context"]: row["baseline_ms_per_token"] for row in rows}
@@ -91,6 +97,47 @@ def bench_figures(rows: list[dict], title: str) -> dict[str, Figure]:
     axes.set(xlabel="context (tokens)", ylabel="MiB", title=f"{title}: memory")
     axes.legend(fontsize=7)
     figures["memory_vs_context"] = figure
+    for figure in figures.values():
+        figure.tight_layout()
+    return figures
+
+
+def throughput_figures(rows: list[dict], title: str, capacity: list[dict]) -> dict[str, Figure]:
+    """tokens/s vs batch per method at the longest context (several batch sizes), and max batch under the memory
+    limit per method and context (capacity rows)."""
+    plt = _pyplot()
+    figures = {}
+    batches = sorted({row["batch"] for row in rows})
+    if len(batches) > 1:
+        longest = max(row["context"] for row in rows)
+        at_longest = [row for row in rows if row["context"] == longest]
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        baseline = {row["batch"]: row["baseline_tokens_per_second"] for row in at_longest}
+        axes.plot(batches, [baseline[b] for b in batches], "k-o", label="DynamicCache (uncompressed)")
+        cells: dict[str, list[dict]] = {}
+        for row in at_longest:
+            cells.setdefault(f"{row['method']} @ {row['budget']}", []).append(row)
+        for label, cell in cells.items():
+            cell = sorted(cell, key=lambda r: r["batch"])
+            axes.plot([r["batch"] for r in cell], [r["tokens_per_second"] for r in cell], "-o", label=label)
+        axes.set(xlabel="batch (sequences decoded together)", ylabel="tokens/s", title=f"{title}, {longest} tokens")
+        axes.set_xscale("log", base=2)
+        axes.legend(fontsize=8)
+        figures["throughput_vs_batch"] = figure
+    if capacity:
+        contexts = sorted({row["context"] for row in capacity})
+        labels = list(dict.fromkeys(f"{row['method']} @ {row['budget']}" for row in capacity))
+        figure, axes = plt.subplots(figsize=(8, 4.5))
+        width = 0.8 / len(contexts)
+        for i, context in enumerate(contexts):
+            by_label = {f"{r['method']} @ {r['budget']}": r["max_batch"] for r in capacity if r["context"] == context}
+            positions = [j + i * width for j in range(len(labels))]
+            axes.bar(positions, [by_label.get(label, 0) for label in labels], width, label=f"{context} tokens")
+        axes.set_xticks([j + width * (len(contexts) - 1) / 2 for j in range(len(labels))], labels, rotation=30)
+        limit = capacity[0]["memory_limit_bytes"] / 2**30
+        axes.set(ylabel="max sequences in flight", title=f"{title}: under {limit:g} GiB (measured)")
+        axes.legend(fontsize=8)
+        figures["max_concurrent"] = figure
     for figure in figures.values():
         figure.tight_layout()
     return figures

@@ -36,10 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from modalkv.bench import Decoder, Prompts, held_bytes
-from modalkv.cache import CompressedCache
+from modalkv.bench import Decoder, Prompts, held_bytes, make_cache
 from modalkv.models import EMBEDDED_MODELS, load_model, parse_dtype
 from modalkv.presses import Press
 
@@ -104,16 +103,12 @@ def release_freed() -> None:
         _libc.malloc_trim(0)
 
 
-def make_cache(press: Press | None):
-    return DynamicCache() if press is None else CompressedCache(press)
-
-
 @torch.no_grad()
 def prefill_peak(model: PreTrainedModel, press: Press | None, prompt: torch.Tensor) -> dict:
     """Peak memory added by one prefill of `prompt` [B, S] (press None: DynamicCache), and the cache it leaves."""
     model(prompt[:, :8])  # load kernels and thread pools before the starting reading
     meter = PeakMeter(prompt.device)
-    cache = make_cache(press)
+    cache = make_cache(model, press, prompt.shape[1], 0, compile=False)
     with press.attach(model) if press is not None else contextlib.nullcontext():
         Decoder.prefill(model, Prompts(prompt), cache)
     peak = meter.peak()
@@ -149,7 +144,7 @@ def serving_peak(
     model(prompts[:1, :8])  # load kernels and thread pools before the starting reading
     meter = PeakMeter(prompts.device, cap)
     held = prompts[: min(batch, prompts.shape[0] - 1)]
-    cache = make_cache(press)
+    cache = make_cache(model, press, prompts.shape[1], decode_tokens, compile=False)
     with press.attach(model) if press is not None else contextlib.nullcontext():
         decoder = Decoder.prefill(model, Prompts(held), cache)
         rows = torch.arange(batch, device=prompts.device) % held.shape[0]
@@ -157,7 +152,9 @@ def serving_peak(
         decoder.logits = decoder.logits[rows]
         release_freed()
         meter.reset()
-        Decoder.prefill(model, Prompts(prompts[-1:]), make_cache(press))  # admitted, then let go: N stay in flight
+        admitted = make_cache(model, press, prompts.shape[1], 0, compile=False)
+        Decoder.prefill(model, Prompts(prompts[-1:]), admitted)  # admitted, then let go: N stay in flight
+        del admitted
         steps = []
         for _ in range(decode_tokens):
             start = time.perf_counter()
@@ -175,8 +172,9 @@ def largest_batch(peak_of: Callable[[int], int], limit: int, on_trial: Callable[
     """The largest batch N whose measured peak `peak_of(N)` is at most `limit` bytes, with the peaks measured on the
     way ({N: bytes}); N = 0 when one sequence does not fit. Memory grows about linearly with the batch, so each probe
     is where the line through two measured batches reaches the limit (4x the largest fitting batch where the line is
-    flat); every claim is checked by measurement: N fits and N + 1 does not. Once bracketed, a probe that moves the same end
-    as the one before is replaced by the midpoint, so that a curved peak cannot make the search crawl."""
+    flat); every claim is checked by measurement: N fits and N + 1 does not. Once the answer is bracketed, two probes
+    in a row that move the same end are followed by the midpoint, so that a curved peak cannot make the search crawl.
+    """
     peaks: dict[int, int] = {}
 
     def fits(n: int) -> bool:

@@ -50,10 +50,6 @@ class Prompts(NamedTuple):
         """The longest prompt's length (the padded width)."""
         return self.input_ids.shape[1]
 
-    def rows(self, index: torch.Tensor) -> Prompts:
-        mask = None if self.attention_mask is None else self.attention_mask[index]
-        return Prompts(self.input_ids[index], mask)
-
 
 @dataclass
 class DecodeDispatch:

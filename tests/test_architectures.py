@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import METHODS
 from PIL import Image
 from transformers import (
     AutoTokenizer,
@@ -45,10 +46,8 @@ from modalkv import CompressedCache, cli, get_press, load_model
 from modalkv.modality import IMAGE, TEXT, VIDEO
 from modalkv.models import embedded_model_path
 from modalkv.multimodal import encode_multimodal, multimodal_inputs
-from modalkv.presses import PRESSES
 
 ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
-METHODS = [*PRESSES, "adakv:snapkv"]
 TEXT_MODEL = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import METHODS
 from typer.testing import CliRunner
 
 from modalkv import CompressedCache, cli, get_press, load_model
@@ -194,7 +195,7 @@ def test_inspect_full_keeps_everything(passkey_file: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [*(name for name in cli.PRESSES if name not in ("full", "lookm")), "adakv:snapkv"])
+@pytest.mark.parametrize("method", [name for name in METHODS if name not in ("full", "lookm")])
 def test_inspect_dumps_every_method(passkey_file: Path, tmp_path: Path, method: str) -> None:
     record = kept_positions(passkey_file, tmp_path, "--method", method, "--budget", "0.2")
     tokens = record["prompt_tokens"]
@@ -258,7 +259,7 @@ def test_generate_reads_a_modality_file(tmp_path: Path, tokenizer) -> None:
 def test_methods_lists_every_method() -> None:
     result = invoke("methods")
     assert result.exit_code == 0
-    for name in [*cli.PRESSES, "adakv:<method>"]:
+    for name in [*cli.PRESSES, *(f"{wrapper}:<method>" for wrapper in cli.WRAPPERS)]:
         assert name in result.stdout
     assert "window_size=64" in result.stdout and "num_sinks=4" in result.stdout
 

@@ -5,6 +5,7 @@ import gc
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import METHODS
 from transformers import DynamicCache
 
 from modalkv import CompressedCache, get_press
@@ -12,23 +13,7 @@ from modalkv.presses.base import Press
 
 # Every method at budget 1.0 (and one absolute budget above the prompt) must be `full`, decode-time eviction included.
 KEEP_ALL = [
-    ("full", 1.0),
-    *(
-        (name, 1.0)
-        for name in (
-            "streaming_llm",
-            "h2o",
-            "snapkv",
-            "pyramidkv",
-            "tova",
-            "knorm",
-            "random",
-            "lookm",
-            "madakv",
-            "retentivekv",
-        )
-    ),
-    ("adakv:snapkv", 1.0),
+    *((name, 1.0) for name in METHODS),
     ("snapkv", 10_000),
     ("retentivekv", 10_000),  # nothing evicted: empty states, read every step, change nothing
 ]

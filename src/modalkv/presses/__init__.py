@@ -1,5 +1,7 @@
 """Methods ("presses"), chosen by name with `get_press`."""
 
+from dataclasses import fields
+
 from modalkv.presses.adakv import AdaKVPress
 from modalkv.presses.base import PrefillInputs, Press
 from modalkv.presses.full import FullPress
@@ -30,25 +32,32 @@ PRESSES: dict[str, type[Press]] = {
         RetentiveKVPress,
     )
 }
+# Presses that wrap a scoring press, named `<wrapper>:<press>` (`<wrapper>` alone wraps SnapKV).
+WRAPPERS: dict[str, type[Press]] = {press.name: press for press in (AdaKVPress,)}
 
 
 def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
     """Builds the press registered as `name` (see `PRESSES`), e.g. `get_press("snapkv", budget=0.2)`.
 
-    `adakv:<name>` wraps a scoring press in AdaKV's head-wise budgets (`adakv` alone wraps SnapKV); parameters go to
-    AdaKV if they are its own (`alpha_safeguard`), else to the inner press.
+    `<wrapper>:<name>` (a name of `WRAPPERS`: `adakv`) wraps a scoring press (the wrapper alone wraps
+    SnapKV); parameters go to the wrapper if they are its own (`alpha_safeguard`), else to the inner
+    press.
     """
-    if name.startswith("adakv"):
-        inner = name.partition(":")[2] or "snapkv"
-        own = {key: params.pop(key) for key in ("alpha_safeguard",) if key in params}
-        return AdaKVPress(budget=budget, press=get_press(inner, budget=budget, **params), **own)
+    wrapper, _, inner = name.partition(":")
+    if wrapper in WRAPPERS:
+        press = WRAPPERS[wrapper]
+        own_names = {f.name for f in fields(press)} - {f.name for f in fields(Press)} - {"press"}
+        own = {key: params.pop(key) for key in own_names if key in params}
+        return press(budget=budget, press=get_press(inner or "snapkv", budget=budget, **params), **own)
     if name not in PRESSES:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESSES))}, adakv:<method>")
+        wrappers = ", ".join(f"{w}:<method>" for w in WRAPPERS)
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESSES))}, {wrappers}")
     return PRESSES[name](budget=budget, **params)
 
 
 __all__ = [
     "PRESSES",
+    "WRAPPERS",
     "AdaKVPress",
     "FullPress",
     "H2OPress",

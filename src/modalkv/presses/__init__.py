@@ -4,8 +4,11 @@ from dataclasses import fields
 
 from modalkv.presses.adakv import AdaKVPress
 from modalkv.presses.base import PrefillInputs, Press
+from modalkv.presses.chunkkv import ChunkKVPress
+from modalkv.presses.expected_attention import ExpectedAttentionPress
 from modalkv.presses.full import FullPress
 from modalkv.presses.h2o import H2OPress
+from modalkv.presses.keydiff import KeyDiffPress
 from modalkv.presses.knorm import KnormPress
 from modalkv.presses.lookm import LookMPress
 from modalkv.presses.madakv import MadaKVPress
@@ -30,17 +33,19 @@ PRESSES: dict[str, type[Press]] = {
         LookMPress,
         MadaKVPress,
         RetentiveKVPress,
+        KeyDiffPress,
+        ExpectedAttentionPress,
     )
 }
 # Presses that wrap a scoring press, named `<wrapper>:<press>` (`<wrapper>` alone wraps SnapKV).
-WRAPPERS: dict[str, type[Press]] = {press.name: press for press in (AdaKVPress,)}
+WRAPPERS: dict[str, type[Press]] = {press.name: press for press in (AdaKVPress, ChunkKVPress)}
 
 
 def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
     """Builds the press registered as `name` (see `PRESSES`), e.g. `get_press("snapkv", budget=0.2)`.
 
-    `<wrapper>:<name>` (a name of `WRAPPERS`: `adakv`) wraps a scoring press (the wrapper alone wraps
-    SnapKV); parameters go to the wrapper if they are its own (`alpha_safeguard`), else to the inner
+    `<wrapper>:<name>` (a name of `WRAPPERS`: `adakv`, `chunkkv`) wraps a scoring press (the wrapper alone wraps
+    SnapKV); parameters go to the wrapper if they are its own (`alpha_safeguard`, `chunk_length`), else to the inner
     press.
     """
     wrapper, _, inner = name.partition(":")
@@ -59,8 +64,11 @@ __all__ = [
     "PRESSES",
     "WRAPPERS",
     "AdaKVPress",
+    "ChunkKVPress",
+    "ExpectedAttentionPress",
     "FullPress",
     "H2OPress",
+    "KeyDiffPress",
     "KnormPress",
     "LookMPress",
     "MadaKVPress",

@@ -10,6 +10,7 @@ from modalkv.presses.full import FullPress
 from modalkv.presses.h2o import H2OPress
 from modalkv.presses.keydiff import KeyDiffPress
 from modalkv.presses.knorm import KnormPress
+from modalkv.presses.kvzip import KVzipPress
 from modalkv.presses.lookm import LookMPress
 from modalkv.presses.madakv import MadaKVPress
 from modalkv.presses.pyramidkv import PyramidKVPress
@@ -35,6 +36,7 @@ PRESSES: dict[str, type[Press]] = {
         RetentiveKVPress,
         KeyDiffPress,
         ExpectedAttentionPress,
+        KVzipPress,
     )
 }
 # Presses that wrap a scoring press, named `<wrapper>:<press>` (`<wrapper>` alone wraps SnapKV).
@@ -68,6 +70,7 @@ __all__ = [
     "ExpectedAttentionPress",
     "FullPress",
     "H2OPress",
+    "KVzipPress",
     "KeyDiffPress",
     "KnormPress",
     "LookMPress",

@@ -41,6 +41,8 @@ PRESSES: dict[str, type[Press]] = {
 }
 # Presses that wrap a scoring press, named `<wrapper>:<press>` (`<wrapper>` alone wraps SnapKV).
 WRAPPERS: dict[str, type[Press]] = {press.name: press for press in (AdaKVPress, ChunkKVPress)}
+# Every method by name, for grids over all of them: each press, and each wrapper around SnapKV.
+METHODS: list[str] = [*PRESSES, *(f"{wrapper}:snapkv" for wrapper in WRAPPERS)]
 
 
 def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
@@ -63,6 +65,7 @@ def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
 
 
 __all__ = [
+    "METHODS",
     "PRESSES",
     "WRAPPERS",
     "AdaKVPress",

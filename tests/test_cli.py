@@ -203,10 +203,11 @@ def test_inspect_dumps_every_method(passkey_file: Path, tmp_path: Path, method: 
     heads = [head for layer in record["layers"] for head in layer]
     assert all(head == sorted(set(head)) and head[0] >= 0 and head[-1] < tokens for head in heads)
     # Every method keeps the same total: 20% of the prompt per head, on average over layers and heads; ChunkKV keeps
-    # whole chunks, 20% of them (the last chunk may be shorter).
+    # whole chunks, 20% of them (the last chunk may be shorter), the same in every head of a layer.
     if method.startswith("chunkkv"):
         chunks = int(0.2 * math.ceil(tokens / 20))
-        assert all(head == heads[0] for head in heads) and (chunks - 1) * 20 < len(heads[0]) <= chunks * 20
+        for layer in record["layers"]:
+            assert all(head == layer[0] for head in layer) and (chunks - 1) * 20 < len(layer[0]) <= chunks * 20
     else:
         assert sum(map(len, heads)) == 30 * 3 * int(0.2 * tokens)
 

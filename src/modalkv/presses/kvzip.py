@@ -67,9 +67,16 @@ class KVzipPress(Press):
         with super().attach(model), self.reconstructing(model):
             yield model
 
-    def generate(self, model: PreTrainedModel, *args, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        model: PreTrainedModel,
+        modality: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        compile: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
         with self.reconstructing(model):
-            return super().generate(model, *args, **kwargs)
+            return super().generate(model, modality, patches, compile, **kwargs)
 
     @contextmanager
     def reconstructing(self, model: PreTrainedModel):

@@ -1,9 +1,11 @@
-"""KnormPress, RandomPress, TOVAPress and PyramidKVPress on hand-made tensors."""
+"""Every registered press at budget 1.0, then KnormPress, RandomPress, TOVAPress and PyramidKVPress on hand-made
+tensors."""
 
 import pytest
 import torch
 from prefill import kept_sets, make_inputs
 
+from modalkv.presses import PRESSES, get_press
 from modalkv.presses.knorm import KnormPress
 from modalkv.presses.pyramidkv import PyramidKVPress
 from modalkv.presses.random_press import RandomPress
@@ -11,11 +13,11 @@ from modalkv.presses.snapkv import SnapKVPress
 from modalkv.presses.tova import TOVAPress
 
 
-@pytest.mark.parametrize("press_class", [KnormPress, RandomPress, TOVAPress, PyramidKVPress])
-def test_budget_one_keeps_every_real_token(press_class):
+@pytest.mark.parametrize("name", PRESSES)
+def test_budget_one_keeps_every_real_token(name):
     is_real = torch.tensor([[False] * 3 + [True] * 17, [True] * 20])
     for layer_idx in range(4):
-        sets = kept_sets(press_class(budget=1.0), make_inputs(batch=2, is_real=is_real, layer_idx=layer_idx))
+        sets = kept_sets(get_press(name, budget=1.0), make_inputs(batch=2, is_real=is_real, layer_idx=layer_idx))
         assert sets == [[list(range(3, 20))] * 2, [list(range(20))] * 2]
 
 

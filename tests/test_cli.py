@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import METHODS
 from typer.testing import CliRunner
 
 from modalkv import CompressedCache, cli, get_press, load_model
@@ -194,15 +195,21 @@ def test_inspect_full_keeps_everything(passkey_file: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [*(name for name in cli.PRESSES if name not in ("full", "lookm")), "adakv:snapkv"])
+@pytest.mark.parametrize("method", [name for name in METHODS if name not in ("full", "lookm")])
 def test_inspect_dumps_every_method(passkey_file: Path, tmp_path: Path, method: str) -> None:
     record = kept_positions(passkey_file, tmp_path, "--method", method, "--budget", "0.2")
     tokens = record["prompt_tokens"]
     assert record["method"] == method and len(record["layers"]) == 30
     heads = [head for layer in record["layers"] for head in layer]
     assert all(head == sorted(set(head)) and head[0] >= 0 and head[-1] < tokens for head in heads)
-    # Every method keeps the same total: 20% of the prompt per head, on average over layers and heads.
-    assert sum(map(len, heads)) == 30 * 3 * int(0.2 * tokens)
+    # Every method keeps the same total: 20% of the prompt per head, on average over layers and heads; ChunkKV keeps
+    # whole chunks, 20% of them (the last chunk may be shorter), the same in every head of a layer.
+    if method.startswith("chunkkv"):
+        chunks = int(0.2 * math.ceil(tokens / 20))
+        for layer in record["layers"]:
+            assert all(head == layer[0] for head in layer) and (chunks - 1) * 20 < len(layer[0]) <= chunks * 20
+    else:
+        assert sum(map(len, heads)) == 30 * 3 * int(0.2 * tokens)
 
 
 @pytest.mark.slow
@@ -258,7 +265,7 @@ def test_generate_reads_a_modality_file(tmp_path: Path, tokenizer) -> None:
 def test_methods_lists_every_method() -> None:
     result = invoke("methods")
     assert result.exit_code == 0
-    for name in [*cli.PRESSES, "adakv:<method>"]:
+    for name in [*cli.PRESSES, *(f"{wrapper}:<method>" for wrapper in cli.WRAPPERS)]:
         assert name in result.stdout
     assert "window_size=64" in result.stdout and "num_sinks=4" in result.stdout
 

@@ -11,9 +11,10 @@ import pytest
 from eval_tiny import save_tiny_model
 from typer.testing import CliRunner
 
-from modalkv import cli
+from modalkv import cli, get_press
 from modalkv.eval import runner
 from modalkv.eval.tasks import build_task
+from modalkv.presses import METHODS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "milebench"
 TASK_OPTIONS = [
@@ -174,6 +175,13 @@ def test_presses_of_a_grid():
     assert ("streaming_llm", 0.5) in labels
     with pytest.raises(ValueError, match="takes the parameter"):
         runner.make_presses(["full", "streaming_llm"], [0.5], {"window_size": 8})
+
+
+def test_all_is_every_registered_method():
+    presses = runner.make_presses(["all"], [0.5], {})
+    seeded = {"random": {"seed": 0}}  # runs repeat
+    assert [p.label() for p in presses] == [get_press(name, **seeded.get(name, {})).label() for name in METHODS]
+    assert {p.budget for p in presses if p.name != "full"} == {0.5}
 
 
 def test_task_names_and_options():

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from modalkv import CompressedCache, get_press
 from modalkv.modality import IMAGE, TEXT, VIDEO
 from modalkv.presses.base import PrefillInputs
-from modalkv.presses.h2o import accumulated_attention
+from modalkv.presses.scoring import accumulated_attention
 
 CODES = {"T": TEXT, "I": IMAGE, "V": VIDEO}
 

@@ -17,8 +17,9 @@ How the kept positions are recovered: the press's `compress` method is wrapped. 
 passes in (the layer's full prefill keys, RoPE applied) and the keys `compress` returns. kvpress prunes with
 `gather`, so every kept key is a bit-exact copy of one input key; each is mapped back to its position as the nearest
 input key (L2), and the script then checks that the match is exact and that no position is used twice (keys are
-rotated by their position, so distinct positions have distinct keys). Presses that mask instead of pruning (AdaKV:
-`module.masked_key_indices`, cache left at full length) keep every position except the masked ones. A press that
+rotated by their position, so distinct positions have distinct keys). Presses that mask instead of pruning (AdaKV,
+KVzip: `module.masked_key_indices`, cache left at full length) keep every position except the masked ones; KVzip
+sets them for every layer when its `with` block ends, without calling `compress`, so they are read there. A press that
 alters keys (e.g. KeyRerotationPress, merging) fails the exactness check and the script stops with an error.
 """
 
@@ -33,8 +34,8 @@ import kvpress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-# modalkv name -> kvpress class; "adakv:<name>" (modalkv's spelling; "adakv" alone is adakv:snapkv) wraps the
-# scorer press in AdaKVPress (head-wise budgets).
+# modalkv name -> kvpress class; "adakv:<name>" and "chunkkv:<name>" (modalkv's spelling; the wrapper alone wraps
+# snapkv) wrap the scorer press in AdaKVPress (head-wise budgets) or ChunkKVPress (whole chunks).
 METHODS: dict[str, type[kvpress.BasePress]] = {
     "snapkv": kvpress.SnapKVPress,
     "streaming_llm": kvpress.StreamingLLMPress,
@@ -45,10 +46,13 @@ METHODS: dict[str, type[kvpress.BasePress]] = {
     "expected_attention": kvpress.ExpectedAttentionPress,
     "observed_attention": kvpress.ObservedAttentionPress,  # needs --attn eager
     "keydiff": kvpress.KeyDiffPress,
+    "kvzip": kvpress.KVzipPress,  # scores after the prefill, by reconstruction; masks (AdaKV-style) all layers at once
     "lagkv": kvpress.LagKVPress,
     "cur": kvpress.CURPress,
     "leverage": kvpress.LeverageScorePress,
 }
+WRAPPERS: dict[str, type[kvpress.BasePress]] = {"adakv": kvpress.AdaKVPress, "chunkkv": kvpress.ChunkKVPress}
+WRAPPER_PARAMS = {"adakv": ("alpha_safeguard",), "chunkkv": ("chunk_length",)}
 # modalkv parameter names that kvpress spells differently.
 PARAM_ALIASES = {"num_sinks": "n_sink"}
 
@@ -72,13 +76,13 @@ def make_press(method: str, budget: float, params: list[str]) -> kvpress.BasePre
         if not sep:
             raise SystemExit(f"--param takes KEY=VALUE, got {item!r}")
         fields[PARAM_ALIASES.get(key, key)] = parse_value(value)
-    is_adakv = method.startswith("adakv")
-    name = (method.partition(":")[2] or "snapkv") if is_adakv else method
+    wrapper, _, inner = method.partition(":")
+    name = (inner or "snapkv") if wrapper in WRAPPERS else method
     if name not in METHODS:
-        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHODS)}, adakv:<name>")
-    if is_adakv:
-        own = {key: fields.pop(key) for key in ("alpha_safeguard",) if key in fields}
-        return kvpress.AdaKVPress(press=METHODS[name](compression_ratio=1 - budget, **fields), **own)
+        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHODS)}, adakv:<name>, chunkkv:<name>")
+    if wrapper in WRAPPERS:
+        own = {key: fields.pop(key) for key in WRAPPER_PARAMS[wrapper] if key in fields}
+        return WRAPPERS[wrapper](press=METHODS[name](compression_ratio=1 - budget, **fields), **own)
     return METHODS[name](compression_ratio=1 - budget, **fields)
 
 
@@ -93,6 +97,12 @@ def match_positions(full: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
     return heads
 
 
+def unmasked_positions(module, num_keys: int, num_heads: int) -> list[list[int]]:
+    """The positions a masking press (AdaKV, KVzip: `module.masked_key_indices`, batch 1) leaves per KV head."""
+    _, head_index, seq_index = module.masked_key_indices
+    return [sorted(set(range(num_keys)) - set(seq_index[head_index == h].tolist())) for h in range(num_heads)]
+
+
 def record_kept(press: kvpress.BasePress, num_layers: int) -> list[list[list[int]] | None]:
     """Wraps `press.compress` so that each call stores the kept positions of its layer in the returned list."""
     layers: list[list[list[int]] | None] = [None] * num_layers
@@ -105,11 +115,7 @@ def record_kept(press: kvpress.BasePress, num_layers: int) -> list[list[list[int
             raise RuntimeError("batch size 1 only")
         masked = getattr(module, "masked_key_indices", None)
         if new_keys.shape == keys.shape and masked is not None:  # AdaKV-style: masked, not pruned
-            _, head_index, seq_index = masked
-            layers[module.layer_idx] = [
-                sorted(set(range(keys.shape[2])) - set(seq_index[head_index == h].tolist()))
-                for h in range(keys.shape[1])
-            ]
+            layers[module.layer_idx] = unmasked_positions(module, keys.shape[2], keys.shape[1])
         else:
             layers[module.layer_idx] = match_positions(keys[0], new_keys[0])
         return new_keys, new_values
@@ -131,7 +137,7 @@ def encode(tokenizer, text: str, raw: bool) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="transformers checkpoint folder")
-    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}, or adakv:<name>")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}, adakv:<name>, chunkkv:<name>")
     parser.add_argument("--budget", type=float, required=True, help="kept ratio in (0, 1]")
     parser.add_argument("--prompt-file", type=Path, required=True)
     parser.add_argument("--raw", action="store_true", help="no chat template, no special tokens")
@@ -152,6 +158,9 @@ def main() -> None:
     layers = record_kept(press, num_layers)
     with torch.no_grad(), press(model):
         model(**inputs, past_key_values=DynamicCache(), use_cache=True)
+    if isinstance(press, kvpress.KVzipPress):  # masks every layer when its block ends, without calling compress()
+        num_keys, num_heads = inputs["input_ids"].shape[1], model.config.num_key_value_heads
+        layers = [unmasked_positions(layer.self_attn, num_keys, num_heads) for layer in model.model.layers]
     if any(layer is None for layer in layers):
         raise RuntimeError("the press did not call compress() on every layer; kept positions are unknown")
 

@@ -25,12 +25,13 @@ from modalkv.generation import encode_prompt, generate_timed
 from modalkv.modality import modality_from_input_ids
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
 from modalkv.multimodal import encode_multimodal, is_processor
-from modalkv.presses import PRESSES, Press, get_press
+from modalkv.presses import PRESSES, WRAPPERS, Press, get_press
 
 app = typer.Typer(help="KV-cache compression for multimodal and text LLMs.", no_args_is_help=True)
 
 ModelOption = Annotated[str, typer.Option(help="embedded model name, local folder or hub id")]
-MethodOption = Annotated[str, typer.Option(help=f"one of: {', '.join(PRESSES)}, adakv:<method> (see `methods`)")]
+WRAPPED = ", ".join(f"{name}:<method>" for name in WRAPPERS)
+MethodOption = Annotated[str, typer.Option(help=f"one of: {', '.join(PRESSES)}, {WRAPPED} (see `methods`)")]
 BudgetOption = Annotated[str, typer.Option(help="kept fraction in (0, 1] or kept tokens (integer > 1)")]
 PromptOption = Annotated[str | None, typer.Option(help="prompt text")]
 PromptFileOption = Annotated[Path | None, typer.Option(help="plain-text prompt file")]
@@ -293,7 +294,10 @@ def methods() -> None:
         ]
         summary = (press.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, summary, ", ".join(params))
-    table.add_row("adakv:<method>", "AdaKV head-wise budgets around a scoring method", "alpha_safeguard=0.2")
+    for name, press in WRAPPERS.items():
+        own = [f for f in dataclasses.fields(press) if f.name not in ("budget", "evict_every", "press")]
+        summary = (press.__doc__ or "").strip().splitlines()[0]
+        table.add_row(f"{name}:<method>", summary, ", ".join(f"{f.name}={f.default}" for f in own))
     Console(width=160).print(table)
 
 

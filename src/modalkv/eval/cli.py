@@ -51,7 +51,7 @@ def eval_command(
     out: Annotated[Path, typer.Option(help="run folder: records.rank<k>.jsonl, failures, run.json")],
     model: Annotated[str, typer.Option(help="embedded model name, local folder or hub id")] = DEFAULT_MODEL,
     methods: Annotated[
-        str, typer.Option(help="comma-separated methods; `full` runs once, at budget 1.0")
+        str, typer.Option(help="comma-separated methods (`all`: every one); `full` runs once, at budget 1.0")
     ] = "full,snapkv",
     budgets: Annotated[str, typer.Option(help="comma-separated budgets (ratios or token counts)")] = "0.1,0.2,0.5",
     tasks: Annotated[str, typer.Option(help="comma-separated: passkey, fidelity, milebench:PATH")] = "passkey",

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from modalkv.eval.tasks import Example, Failure, Task, task_options
-from modalkv.presses import Press, get_press
+from modalkv.presses import METHODS, Press, get_press
 
 RECORDS = "records.rank{rank}.jsonl"
 FAILURES = "failures.rank{rank}.jsonl"
@@ -56,11 +56,12 @@ def read_failures(out: Path) -> list[dict]:
 
 
 def make_presses(methods: list[str], budgets: list[float | int], params: dict[str, Any]) -> list[Press]:
-    """`full` once (budget 1.0), then every other method at every budget. Each parameter goes to the methods that
-    have it (ValueError if none does); a press with a `seed` gets 0 unless one is given, so that runs repeat."""
+    """`full` once (budget 1.0), then every other method at every budget (`all`: every registered method). Each
+    parameter goes to the methods that have it (ValueError if none does); a press with a `seed` gets 0 unless one is
+    given, so that runs repeat."""
     presses = []
     used = set()
-    for method in methods:
+    for method in [name for given in methods for name in (METHODS if given == "all" else [given])]:
         for budget in [1.0] if method == "full" else budgets:
             probe = get_press(method, budget=budget)
             fields = {f.name for f in dataclasses.fields(probe)} | {f.name for f in _inner_fields(probe)}

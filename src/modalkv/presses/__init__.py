@@ -1,10 +1,16 @@
 """Methods ("presses"), chosen by name with `get_press`."""
 
+from dataclasses import fields
+
 from modalkv.presses.adakv import AdaKVPress
 from modalkv.presses.base import PrefillInputs, Press
+from modalkv.presses.chunkkv import ChunkKVPress
+from modalkv.presses.expected_attention import ExpectedAttentionPress
 from modalkv.presses.full import FullPress
 from modalkv.presses.h2o import H2OPress
+from modalkv.presses.keydiff import KeyDiffPress
 from modalkv.presses.knorm import KnormPress
+from modalkv.presses.kvzip import KVzipPress
 from modalkv.presses.lookm import LookMPress
 from modalkv.presses.madakv import MadaKVPress
 from modalkv.presses.pyramidkv import PyramidKVPress
@@ -28,30 +34,47 @@ PRESSES: dict[str, type[Press]] = {
         LookMPress,
         MadaKVPress,
         RetentiveKVPress,
+        KeyDiffPress,
+        ExpectedAttentionPress,
+        KVzipPress,
     )
 }
+# Presses that wrap a scoring press, named `<wrapper>:<press>` (`<wrapper>` alone wraps SnapKV).
+WRAPPERS: dict[str, type[Press]] = {press.name: press for press in (AdaKVPress, ChunkKVPress)}
+# Every method by name, for grids over all of them: each press, and each wrapper around SnapKV.
+METHODS: list[str] = [*PRESSES, *(f"{wrapper}:snapkv" for wrapper in WRAPPERS)]
 
 
 def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
     """Builds the press registered as `name` (see `PRESSES`), e.g. `get_press("snapkv", budget=0.2)`.
 
-    `adakv:<name>` wraps a scoring press in AdaKV's head-wise budgets (`adakv` alone wraps SnapKV); parameters go to
-    AdaKV if they are its own (`alpha_safeguard`), else to the inner press.
+    `<wrapper>:<name>` (a name of `WRAPPERS`: `adakv`, `chunkkv`) wraps a scoring press (the wrapper alone wraps
+    SnapKV); parameters go to the wrapper if they are its own (`alpha_safeguard`, `chunk_length`), else to the inner
+    press.
     """
-    if name.startswith("adakv"):
-        inner = name.partition(":")[2] or "snapkv"
-        own = {key: params.pop(key) for key in ("alpha_safeguard",) if key in params}
-        return AdaKVPress(budget=budget, press=get_press(inner, budget=budget, **params), **own)
+    wrapper, _, inner = name.partition(":")
+    if wrapper in WRAPPERS:
+        press = WRAPPERS[wrapper]
+        own_names = {f.name for f in fields(press)} - {f.name for f in fields(Press)} - {"press"}
+        own = {key: params.pop(key) for key in own_names if key in params}
+        return press(budget=budget, press=get_press(inner or "snapkv", budget=budget, **params), **own)
     if name not in PRESSES:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESSES))}, adakv:<method>")
+        wrappers = ", ".join(f"{w}:<method>" for w in WRAPPERS)
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESSES))}, {wrappers}")
     return PRESSES[name](budget=budget, **params)
 
 
 __all__ = [
+    "METHODS",
     "PRESSES",
+    "WRAPPERS",
     "AdaKVPress",
+    "ChunkKVPress",
+    "ExpectedAttentionPress",
     "FullPress",
     "H2OPress",
+    "KVzipPress",
+    "KeyDiffPress",
     "KnormPress",
     "LookMPress",
     "MadaKVPress",

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
+from modalkv.presses.scoring import keeps_everything
 from modalkv.presses.snapkv import SnapKVPress
 
 
@@ -39,10 +40,9 @@ class AdaKVPress(Press):
     def select(self, inputs: PrefillInputs) -> Selection:
         is_real = inputs.is_real
         batch, heads, seq = inputs.keys.shape[:3]
-        num_real = is_real.sum(-1)
-        per_head = tokens_for_budget(self.budget, num_real)  # [B]
-        if bool((per_head == num_real).all()):
+        if keeps_everything(self.budget, is_real):
             return Press.select(self, inputs)  # nothing to evict: keep all, exactly as every press does
+        per_head = tokens_for_budget(self.budget, is_real.sum(-1))  # [B]
         scores = self.press.ranking(inputs, self.press.score(inputs).float())
         top = torch.finfo(scores.dtype).max
         safe = (per_head * self.alpha_safeguard).long()  # [B]

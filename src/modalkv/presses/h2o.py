@@ -3,28 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from modalkv.presses.base import DecodeView, PrefillInputs, Press, tokens_for_budget
-
-_QUERY_CHUNK = 256  # prompt queries per step of the accumulated-attention pass (bounds its memory)
-
-
-def accumulated_attention(inputs: PrefillInputs) -> torch.Tensor:
-    """[B, H_kv, S] attention each key receives, summed over all (real) prompt queries and averaged over the query
-    heads of its KV group. Computed in chunks of queries: memory O(chunk * S), not O(S^2)."""
-    batch, num_heads, seq, dim = inputs.queries.shape
-    kv_heads = inputs.num_kv_heads
-    groups = num_heads // kv_heads
-    keys_t = inputs.keys.float().transpose(-1, -2)
-    total = inputs.keys.new_zeros((batch, kv_heads, seq), dtype=torch.float32)
-    key_columns = torch.arange(seq, device=keys_t.device)
-    for start in range(0, seq, _QUERY_CHUNK):
-        stop = min(start + _QUERY_CHUNK, seq)
-        queries = inputs.queries[:, :, start:stop].float().reshape(batch, kv_heads, groups * (stop - start), dim)
-        visible = key_columns <= torch.arange(start, stop, device=keys_t.device)[:, None]  # [c, S] causal
-        visible = visible.repeat(groups, 1) & inputs.is_real[:, None, None, :]  # [B, 1, G * c, S]
-        logits = torch.matmul(queries, keys_t).mul_(inputs.scaling).masked_fill_(~visible, float("-inf"))
-        weights = logits.softmax(dim=-1).nan_to_num_(0.0)  # padding queries see nothing: rows of NaN -> 0
-        total += weights.sum(dim=2) / groups
-    return total
+from modalkv.presses.scoring import accumulated_attention, add_decode_attention, decode_recent, recent_window
 
 
 @dataclass
@@ -56,14 +35,11 @@ class H2OPress(Press):
 
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor:
         recent = (tokens_for_budget(self.budget, inputs.is_real.sum(-1)) * self.recent_ratio).long()  # [B]
-        seq = inputs.is_real.shape[-1]
-        return torch.arange(seq, device=recent.device) >= seq - recent[:, None]
+        return recent_window(inputs.is_real, recent)
 
     def observe(self, view: DecodeView) -> None:
-        # The new queries' attention, summed over them and averaged over the group, joins every slot's total.
-        view.slot("scores").add_(view.attention.sum(dim=1), alpha=1 / view.query_groups)
+        add_decode_attention(view)
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         recent = view.constant("h2o.recent", lambda: (view.page_limits() * self.recent_ratio).long())  # [pages, 1]
-        is_recent = view.slot("columns") >= view.seen - recent
-        return view.slot("scores").masked_fill(is_recent, float("inf"))
+        return view.slot("scores").masked_fill(decode_recent(view, recent), float("inf"))

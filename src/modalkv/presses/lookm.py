@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from modalkv.modality import TEXT
 from modalkv.presses.base import PrefillInputs, Press, Selection, tokens_for_budget
-from modalkv.presses.h2o import accumulated_attention
+from modalkv.presses.scoring import accumulated_attention, recent_window
 
 MERGES = ("pivotal", "average", "weighted", "none")
 _ROW_CHUNK = 256  # tokens per step of the similarity pass (bounds its memory to O(chunk * S))
@@ -62,8 +62,7 @@ class LookMPress(Press):
         batch, heads, seq = inputs.keys.shape[:3]
         num_real = is_real.sum(-1)
         important, recent = self.split(num_real)
-        rank = is_real.long().cumsum(-1) - 1  # position among the row's real tokens
-        window = is_real & (rank >= (num_real - recent)[:, None])
+        window = recent_window(is_real, recent)
         is_text = is_real if inputs.modality is None else is_real & (inputs.modality == TEXT)
         keep = (is_text | window)[:, None, :].expand(batch, heads, seq).clone()  # [B, H_kv, S]
         candidates = is_real & ~keep[:, 0]  # image/video tokens outside the window

@@ -4,7 +4,7 @@ import torch
 
 from modalkv.modality import TEXT
 from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
-from modalkv.presses.snapkv import window_attention
+from modalkv.presses.scoring import check_window, keeps_everything, recent_window, top_within, window_attention
 
 
 def share(total: torch.Tensor, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
@@ -33,17 +33,6 @@ def coverage(psi: torch.Tensor, members: torch.Tensor, theta: float) -> torch.Te
     mass = psi.masked_fill(~members[:, None], 0).sort(dim=-1, descending=True).values.cumsum(-1)
     needed = (mass < theta * mass[..., -1:]).sum(-1) + 1
     return torch.minimum(needed, members.sum(-1)[:, None])
-
-
-def top_within(psi: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[B, H, S] mask of the top-`counts` [B, H] tokens by psi among `members` [B, S]."""
-    batch, heads, seq = psi.shape
-    keep = torch.zeros(batch, heads, seq + 1, dtype=torch.bool, device=psi.device)
-    if int(counts.max()) > 0:
-        top = psi.masked_fill(~members[:, None], float("-inf")).topk(int(counts.max()), dim=-1).indices
-        top = top.masked_fill(torch.arange(top.shape[-1], device=top.device) >= counts[..., None], seq)
-        keep.scatter_(-1, top, True)
-    return keep[..., :seq]
 
 
 @dataclass
@@ -75,8 +64,7 @@ class MadaKVPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        check_window(self.window_size)
         if not 0 < self.theta <= 1:
             raise ValueError(f"theta must be in (0, 1], got {self.theta}")
 
@@ -89,14 +77,11 @@ class MadaKVPress(Press):
 
     def select(self, inputs: PrefillInputs) -> Selection:
         is_real = inputs.is_real
-        seq = is_real.shape[-1]
-        num_real = is_real.sum(-1)
-        target = tokens_for_budget(self.budget, num_real)  # [B] kept per head, on average over layers and heads
-        if bool((target == num_real).all()):
+        if keeps_everything(self.budget, is_real):
             return Press.select(self, inputs)  # nothing to evict
+        target = tokens_for_budget(self.budget, is_real.sum(-1))  # [B] kept per head, on average over layers and heads
         # The proxies count within the budget and are kept while it allows (at most budget - 1 of them).
-        kept_proxies = (target - 1).clamp(max=self.window_size)
-        proxy = is_real & (torch.arange(seq, device=is_real.device) >= seq - kept_proxies[:, None])
+        proxy = recent_window(is_real, (target - 1).clamp(max=self.window_size))
         candidates = is_real & ~proxy
         visual = candidates & (inputs.modality != TEXT) if inputs.modality is not None else torch.zeros_like(candidates)
         text = candidates & ~visual

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from modalkv.modality import TEXT, infer_patches
 from modalkv.presses.base import DecodeView, LeavingTokens, PrefillInputs, Press, Selection, selection_from_mask
-from modalkv.presses.madakv import top_within
-from modalkv.presses.snapkv import window_logits
+from modalkv.presses.scoring import check_window, decode_recent, recent_window, top_within, window_logits
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +97,7 @@ class RetentiveKVPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        check_window(self.window_size)
         for field_name in ("attention_weight", "absorb_quantile"):
             if not 0 <= getattr(self, field_name) <= 1:
                 raise ValueError(f"{field_name} must be in [0, 1], got {getattr(self, field_name)}")
@@ -128,12 +126,10 @@ class RetentiveKVPress(Press):
             return super().select(inputs)  # keeps everything: no memory, exactly `full`
         if inputs.modality is not None and inputs.patches is None:
             inputs.patches = infer_patches(inputs.modality)
-        seq = inputs.keys.shape[2]
         is_real = inputs.is_real
         budget = torch.minimum(self.num_kept(inputs), is_real.sum(-1)[:, None])  # [B, H_kv], equal over heads
         # The window is kept within the budget: a row whose budget is smaller keeps its most recent tokens only.
-        recent = budget[:, :1].clamp(max=self.window_size)
-        window = is_real & (torch.arange(seq, device=is_real.device) >= seq - recent)
+        window = recent_window(is_real, budget[:, 0].clamp(max=self.window_size))
         candidates = is_real & ~window
         logits = window_logits(inputs, self.window_size)  # [B, H_kv, G * w, S]
         log_mass = logits.logsumexp(dim=-1)  # [B, H_kv, G * w]
@@ -262,8 +258,7 @@ class RetentiveKVPress(Press):
         view.slot("scores").lerp_(view.attention.mean(dim=1), 1 / self.window_size)
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
-        in_window = view.slot("columns") >= view.seen - self.window_size
-        return view.slot("scores").masked_fill(in_window, float("inf"))
+        return view.slot("scores").masked_fill(decode_recent(view, self.window_size), float("inf"))
 
     def absorb(self, view: DecodeView, tokens: LeavingTokens) -> None:
         """Absorbs a leaving token per row into the recall state (image patches into the visual state) with a = 1

@@ -4,28 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection
-
-
-def window_attention(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
-    """Softmax attention of the last `window_size` queries over all keys, per KV head.
-
-    Returns [B, H_kv, G * w, S] float32 (the G query heads of each KV group stacked), causal within the window and
-    zero on padding. A padding query (a left-padded row shorter than the window) sees no key: its row is all zero.
-    """
-    return window_logits(inputs, window_size).softmax(dim=-1).nan_to_num_(0.0)
-
-
-def window_logits(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
-    """The scaled logits behind `window_attention`, -inf where a query cannot see a key: [B, H_kv, G * w, S]."""
-    batch, num_heads, seq, dim = inputs.queries.shape
-    kv_heads = inputs.num_kv_heads
-    w = min(window_size, seq)
-    queries = inputs.queries[:, :, -w:].reshape(batch, kv_heads, (num_heads // kv_heads) * w, dim)
-    logits = torch.matmul(queries.float(), inputs.keys.float().transpose(-1, -2)) * inputs.scaling
-    query_columns = torch.arange(seq - w, seq, device=logits.device).repeat(num_heads // kv_heads)
-    visible = torch.arange(seq, device=logits.device) <= query_columns[:, None]  # [G * w, S]
-    visible = visible & inputs.is_real[:, None, None, :]  # [B, 1, G * w, S]
-    return logits.masked_fill(~visible, float("-inf"))
+from modalkv.presses.scoring import add_decode_attention, check_window, decode_recent, recent_window, window_attention
 
 
 @dataclass
@@ -50,8 +29,7 @@ class SnapKVPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        check_window(self.window_size)
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
         if self.pooling not in ("avg", "max"):
@@ -71,9 +49,7 @@ class SnapKVPress(Press):
         return F.pad(scores, (0, seq - prefix))  # the window's own score is irrelevant: it is always kept
 
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor:
-        seq = inputs.is_real.shape[-1]
-        in_window = torch.arange(seq, device=inputs.is_real.device) >= seq - self.window_size
-        return inputs.is_real & in_window
+        return recent_window(inputs.is_real, self.window_size)
 
     def select(self, inputs: PrefillInputs) -> Selection:
         selection = super().select(inputs)
@@ -82,11 +58,10 @@ class SnapKVPress(Press):
         return selection
 
     def observe(self, view: DecodeView) -> None:
-        view.slot("scores").add_(view.attention.sum(dim=1), alpha=1 / view.query_groups)
+        add_decode_attention(view)
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         running = view.slot("scores")
-        in_window = view.slot("columns") >= view.seen - self.evict_every
-        scores = running.masked_fill(in_window, float("inf"))
+        scores = running.masked_fill(decode_recent(view, self.evict_every), float("inf"))
         running.zero_()  # the next observation window starts now
         return scores

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection
+from modalkv.presses.scoring import sink_tokens
 
 
 @dataclass
@@ -31,8 +32,7 @@ class StreamingLLMPress(Press):
         return positions.expand(inputs.keys.shape[:3])
 
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor:
-        real_rank = inputs.is_real.cumsum(-1) - 1  # sinks are the first REAL tokens, after any left padding
-        return inputs.is_real & (real_rank < self.num_sinks)
+        return sink_tokens(inputs.is_real, self.num_sinks)
 
     def select(self, inputs: PrefillInputs) -> Selection:
         selection = super().select(inputs)

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from modalkv.presses.base import DecodeView, PrefillInputs, Press
-from modalkv.presses.snapkv import window_attention
+from modalkv.presses.scoring import window_attention
 
 
 @dataclass

@@ -17,6 +17,7 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
     image_size / patch_size / scale_factor. An image split into r x c tiles gives r * c + 1 grids: its tiles in
     row-major order, then its downscaled global view. So on these models the patch map's "image index" counts grids
     (tiles and global views) in prompt order within the row, not the user's images.
+  - pooled images (Gemma 3: `config.mm_tokens_per_image`): every image is a square grid of that many tokens.
   - 4-D `pixel_values` [N, C, H, W] (Llava): image i is (H / p) x (W / p) patches (`vision_config.patch_size`).
   - anything else: each run of visual tokens on the squarest grid that fits (`modality.infer_patches`).
 """
@@ -24,6 +25,7 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,6 +116,10 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
         return merged_grids(modality, inputs, vision.spatial_merge_size)
     if getattr(config, "scale_factor", None) is not None:  # tiles and global views, all of one square size
         side = vision.image_size // vision.patch_size // config.scale_factor
+        return uniform_grids(modality, (side, side))
+    tokens_per_image = getattr(config, "mm_tokens_per_image", None)
+    if tokens_per_image is not None:  # the vision tower's patches average-pooled to a square of this many tokens
+        side = math.isqrt(tokens_per_image)
         return uniform_grids(modality, (side, side))
     pixels = inputs.get("pixel_values")
     patch = getattr(vision, "patch_size", None)

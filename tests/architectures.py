@@ -1,0 +1,221 @@
+"""Tiny randomly initialised vision-language models of transformers' real architectures, each with its own processor
+and SmolLM2's real tokenizer (no weights can be downloaded here), for tests/test_architectures.py. Video processors
+need torchvision, which is not installed: the Qwen and SmolVLM processors are built for images only.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMProcessor,
+)
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+from modalkv.models import embedded_model_path
+
+ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3"]
+TEXT_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    eos_token_id=None,  # no early stop: every generation runs its full length
+)
+VISION_MODEL = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video processor (which imports torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video processor (which imports torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+    """SmolVLM's processor without its video processor (which imports torchvision); `apply_chat_template` reads the
+    video processor's frame defaults, so a stand-in gives them."""
+
+    def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len, chat_template=chat_template)
+        self.video_processor = SimpleNamespace(num_frames=None, fps=None)
+
+
+def smollm2_tokenizer(special_tokens: list[str]):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2-135m", torch.float32))
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    return tokenizer
+
+
+def text_config(tokenizer) -> dict:
+    return dict(TEXT_MODEL, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+def build_llava():
+    tokenizer = smollm2_tokenizer(["<image>"])
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION_MODEL),
+        text_config=LlamaConfig(**text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",  # CLS dropped: exactly the 4 x 4 patches
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def build_qwen(version: str):
+    tokenizer = smollm2_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    ids = {
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}{suffix}|>")
+        for name, suffix in (("image", "_pad"), ("video", "_pad"), ("vision_start", ""), ("vision_end", ""))
+    }
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = dict(text_config(tokenizer), rope_parameters=rope)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    if version == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+        processor_class = ImageOnlyQwen2VLProcessor
+    else:
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]
+        )
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        processor_class = ImageOnlyQwen2_5_VLProcessor
+    return model, processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+
+
+def build_idefics3(version: str):
+    rows_cols = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = smollm2_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
+    tokenizer.add_tokens(rows_cols)
+    vision = VISION_MODEL
+    # 32 px tiles of 8 px patches, pixel-shuffled by 2: 2 x 2 = 4 tokens per tile; images up to 64 px: 2 x 2 tiles.
+    image_kwargs = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    settings = dict(text_config=text_config(tokenizer), vision_config=vision, scale_factor=2)
+    settings["image_token_id"] = tokenizer.convert_tokens_to_ids("<image>")
+    if version == "idefics3":
+        model = Idefics3ForConditionalGeneration(Idefics3Config(**settings))
+        processor = Idefics3Processor(
+            Idefics3ImageProcessorPil(**image_kwargs), tokenizer, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+        )
+    else:
+        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**settings))
+        processor = ImageOnlySmolVLMProcessor(
+            SmolVLMImageProcessorPil(**image_kwargs), tokenizer, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+        )
+    return model, processor
+
+
+def build_gemma3():
+    """Gemma 3 vision: SigLIP patches pooled to `mm_tokens_per_image` soft tokens per image, between <start_of_image>
+    and <end_of_image>; sliding and global layers alternate (window 8, shorter than the prompts); image tokens attend
+    to each other both ways at prefill (`token_type_ids`)."""
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = AutoTokenizer.from_pretrained(
+        embedded_model_path("smollm2-135m", torch.float32), extra_special_tokens=names
+    )
+    text = dict(
+        text_config(tokenizer),
+        num_hidden_layers=4,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=VISION_MODEL,  # 32 px in 8 px patches: 4 x 4, pooled to 2 x 2
+        mm_tokens_per_image=4,
+        image_token_id=tokenizer.image_token_id,
+        boi_token_id=tokenizer.boi_token_id,
+        eoi_token_id=tokenizer.convert_tokens_to_ids(names["eoi_token"]),
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(image_processor, tokenizer, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+    return Gemma3ForConditionalGeneration(config), processor
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "llava":
+        model, processor = build_llava()
+    elif name == "gemma3":
+        model, processor = build_gemma3()
+    elif name.startswith("qwen"):
+        model, processor = build_qwen(name)
+    else:
+        model, processor = build_idefics3(name)
+    processor.tokenizer.padding_side = "left"
+    return model.eval(), processor
+
+
+def image(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8))
+
+
+IMAGES = [image(56, 84, 0), image(84, 56, 1)]  # Qwen: 2 x 3 and 3 x 2 merged tokens; Idefics3: 2 x 2 tiles each
+PROMPT = "Describe the two images."

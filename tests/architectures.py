@@ -27,6 +27,9 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMProcessor,
@@ -39,7 +42,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 
 from modalkv.models import embedded_model_path
 
-ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3"]
+ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3"]
 TEXT_MODEL = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -86,6 +89,13 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor without its video processor (which imports torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -140,12 +150,26 @@ def build_qwen(version: str):
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
         processor_class = ImageOnlyQwen2VLProcessor
-    else:
+    elif version == "qwen2_5_vl":
         vision = dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]
         )
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
         processor_class = ImageOnlyQwen2_5_VLProcessor
+    else:  # Qwen3-VL: interleaved 3-D rope, q/k norms, DeepStack (vision features added into early LM layers)
+        text = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1],
+        )
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **ids))
+        processor_class = ImageOnlyQwen3VLProcessor
     return model, processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
 
 

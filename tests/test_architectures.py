@@ -1,5 +1,6 @@
-"""Real VLM architectures of transformers (Llava, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3) through their own
-processors, as tiny randomly initialised models (tests/architectures.py builds them) with SmolLM2's real tokenizer.
+"""Real VLM architectures of transformers (Llava, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM, Gemma 3) through
+their own processors, as tiny randomly initialised models (tests/architectures.py builds them) with SmolLM2's real
+tokenizer.
 
 Qwen videos are laid out by hand as its processor would lay them out (`qwen_inputs`, checked against the processor on
 images): the video processors need torchvision. Hybrid models (Gemma 3: sliding-window and global layers) are checked
@@ -86,6 +87,7 @@ EXPECTED_GRIDS = {
     "llava": [(4, 4)] * 2,  # 32 px / 8 px patches, CLS dropped
     "qwen2_vl": [(2, 3), (3, 2)],  # 56 x 84 px in 14 px patches, merged 2 x 2
     "qwen2_5_vl": [(2, 3), (3, 2)],
+    "qwen3_vl": [(2, 3), (3, 2)],
     "idefics3": [(2, 2)] * 10,  # per image: 2 x 2 tiles + the global view, each 2 x 2 tokens
     "smolvlm": [(2, 2)] * 10,
     "gemma3": [(2, 2)] * 2,  # 32 px / 8 px patches, average-pooled to mm_tokens_per_image = 4

@@ -17,6 +17,9 @@ from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -35,6 +38,7 @@ from transformers import (
     SmolVLMProcessor,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -42,7 +46,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 
 from modalkv.models import embedded_model_path
 
-ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3"]
+ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "internvl"]
 TEXT_MODEL = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -96,6 +100,13 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL's processor without its video processor (which imports torchvision)."""
+
+    def __init__(self, image_processor, tokenizer, image_seq_length: int = 256, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -223,12 +234,37 @@ def build_gemma3():
     return Gemma3ForConditionalGeneration(config), processor
 
 
+def build_internvl():
+    """InternVL: each image cut into up to 4 tiles of 32 px plus a thumbnail, each tile's 4 x 4 patches pixel-shuffled
+    (downsample_ratio 0.5) into 2 x 2 tokens, all between <img> and </img>; a Qwen2 language model."""
+    names = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tokenizer = AutoTokenizer.from_pretrained(
+        embedded_model_path("smollm2-135m", torch.float32), extra_special_tokens=names
+    )
+    vision = dict(VISION_MODEL, image_size=[32, 32], patch_size=[8, 8])
+    text = dict(text_config(tokenizer), model_type="qwen2")
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5
+    )
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4)
+    template = QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+    processor = ImageOnlyInternVLProcessor(image_processor, tokenizer, image_seq_length=4, chat_template=template)
+    return InternVLForConditionalGeneration(config), processor
+
+
 def build(name: str):
     torch.manual_seed(0)
     if name == "llava":
         model, processor = build_llava()
     elif name == "gemma3":
         model, processor = build_gemma3()
+    elif name == "internvl":
+        model, processor = build_internvl()
     elif name.startswith("qwen"):
         model, processor = build_qwen(name)
     else:

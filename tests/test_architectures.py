@@ -1,6 +1,6 @@
-"""Real VLM architectures of transformers (Llava, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM, Gemma 3) through
-their own processors, as tiny randomly initialised models (tests/architectures.py builds them) with SmolLM2's real
-tokenizer.
+"""Real VLM architectures of transformers (Llava, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM, Gemma 3,
+InternVL) through their own processors, as tiny randomly initialised models (tests/architectures.py builds them) with
+SmolLM2's real tokenizer.
 
 Qwen videos are laid out by hand as its processor would lay them out (`qwen_inputs`, checked against the processor on
 images): the video processors need torchvision. Hybrid models (Gemma 3: sliding-window and global layers) are checked
@@ -91,6 +91,7 @@ EXPECTED_GRIDS = {
     "idefics3": [(2, 2)] * 10,  # per image: 2 x 2 tiles + the global view, each 2 x 2 tokens
     "smolvlm": [(2, 2)] * 10,
     "gemma3": [(2, 2)] * 2,  # 32 px / 8 px patches, average-pooled to mm_tokens_per_image = 4
+    "internvl": [(2, 2)] * 8,  # per image: its 32 px tiles and a thumbnail, each 4 x 4 patches shuffled to 2 x 2
 }
 
 
@@ -101,6 +102,8 @@ def test_patch_grids_have_the_right_shape_per_image(arch):
     assert grids == EXPECTED_GRIDS[name]
     if name in ("idefics3", "smolvlm"):  # one grid per tile and global view the processor made
         assert len(grids) == inputs["pixel_values"].shape[1]
+    if name == "internvl":  # one grid per tile and thumbnail the processor made
+        assert len(grids) == inputs["pixel_values"].shape[0]
 
 
 def test_gemma3_images_attend_to_themselves_both_ways_and_keep_doing_so_through_modalkv(built):

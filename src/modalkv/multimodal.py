@@ -17,6 +17,8 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
     image_size / patch_size / scale_factor. An image split into r x c tiles gives r * c + 1 grids: its tiles in
     row-major order, then its downscaled global view. So on these models the patch map's "image index" counts grids
     (tiles and global views) in prompt order within the row, not the user's images.
+  - tiles pixel-shuffled by `config.downsample_ratio` r (InternVL): every tile (and the thumbnail) is its own grid of
+    (image_size / patch_size * r) tokens a side, as for Idefics3.
   - pooled images (Gemma 3: `config.mm_tokens_per_image`): every image is a square grid of that many tokens.
   - 4-D `pixel_values` [N, C, H, W] (Llava): image i is (H / p) x (W / p) patches (`vision_config.patch_size`).
   - anything else: each run of visual tokens on the squarest grid that fits (`modality.infer_patches`).
@@ -117,6 +119,10 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
     if getattr(config, "scale_factor", None) is not None:  # tiles and global views, all of one square size
         side = vision.image_size // vision.patch_size // config.scale_factor
         return uniform_grids(modality, (side, side))
+    ratio = getattr(config, "downsample_ratio", None)
+    if ratio is not None:  # tiles of image_size, their patches pixel-shuffled by the ratio
+        (height, width), (patch_h, patch_w) = _pair(vision.image_size), _pair(vision.patch_size)
+        return uniform_grids(modality, (round(height // patch_h * ratio), round(width // patch_w * ratio)))
     tokens_per_image = getattr(config, "mm_tokens_per_image", None)
     if tokens_per_image is not None:  # the vision tower's patches average-pooled to a square of this many tokens
         side = math.isqrt(tokens_per_image)
@@ -124,8 +130,14 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
     pixels = inputs.get("pixel_values")
     patch = getattr(vision, "patch_size", None)
     if pixels is not None and pixels.dim() == 4 and patch:
-        return uniform_grids(modality, (pixels.shape[-2] // patch, pixels.shape[-1] // patch))
+        (patch_h, patch_w) = _pair(patch)
+        return uniform_grids(modality, (pixels.shape[-2] // patch_h, pixels.shape[-1] // patch_w))
     return None
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a size given as one int or two (vision configs write both)."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 
 def uniform_grids(modality: torch.Tensor, grid: tuple[int, int]) -> Grids | None:

@@ -5,8 +5,11 @@ transformers' own window (`DynamicCache(config=...)` is the reference), and both
 The window (8 tokens) is far shorter than the prompts, so every test runs past it.
 """
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     DynamicCache,
     Gemma3ForCausalLM,
@@ -122,23 +125,27 @@ def test_a_left_padded_batch_equals_uncompressed_generation_and_decodes_after_ev
 
 
 def test_several_new_tokens_on_a_hybrid_cache_see_their_own_window(arch):
-    """A follow-up forward longer than the window: each new token sees only its window on sliding layers."""
+    """A follow-up forward longer than the window, on a left-padded batch: each new token sees only its window on
+    sliding layers, and what left the window is dropped."""
     _, model = arch
-    first, follow_up = prompt(1, 20), prompt(1, 13, seed=2)
+    first, follow_up = prompt(2, 20), prompt(2, 13, seed=2)
+    mask = torch.ones(2, 33, dtype=torch.long)
+    mask[1, :5] = 0
     press = get_press("full")
+
+    def follow(past, context):
+        with context, torch.no_grad():
+            model(first, attention_mask=mask[:, :20], **{CACHE_KWARG: past})
+            logits = model(follow_up, attention_mask=mask, **{CACHE_KWARG: past}).logits
+            token = logits[:, -1:].argmax(-1)
+            return logits, model(token, attention_mask=F.pad(mask, (0, 1), value=1), **{CACHE_KWARG: past}).logits
+
     cache, reference = CompressedCache(press), DynamicCache(config=model.config)
-    with torch.no_grad():
-        with press.attach(model):
-            model(first, **{CACHE_KWARG: cache})
-            ours = model(follow_up, **{CACHE_KWARG: cache}).logits
-            step = model(ours[:, -1:].argmax(-1), **{CACHE_KWARG: cache}).logits
-        model(first, **{CACHE_KWARG: reference})
-        theirs = model(follow_up, **{CACHE_KWARG: reference}).logits
-        reference_step = model(theirs[:, -1:].argmax(-1), **{CACHE_KWARG: reference}).logits
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(step, reference_step, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(follow(cache, press.attach(model)), follow(reference, nullcontext()), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for ours_layer, their_layer in zip(cache.layers, reference.layers, strict=True):
-        assert ours_layer.kept_lengths()[0, 0] == their_layer.keys.shape[2]  # 7 on sliding layers, 34 on global
+        expected = [their_layer.keys.shape[2], their_layer.keys.shape[2] - (0 if ours_layer.is_sliding else 5)]
+        assert ours_layer.kept_lengths()[:, 0].tolist() == expected  # 7 on sliding layers; global: 34, 29 (no pads)
 
 
 def test_bytes_count_what_transformers_own_cache_holds(arch):

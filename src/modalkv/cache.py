@@ -198,7 +198,9 @@ class CompressedLayer(CacheLayerMixin):
                 output = press.read_memory(view, queries, output, result.log_mass)
             if evicting:
                 press.observe(view)
-                if rows.unevicted >= press.evict_every:
+                if self.window is not None and q > 1:  # several tokens: what left the window goes at once
+                    self.rows = rows.keep_from_column(self.seen - self.window.limit)
+                elif rows.unevicted >= press.evict_every:
                     rows.evict(press.decode_scores(view), self._absorb(view) if self.memory else None)
         if q == 1:  # [R, G, D] is already [B, 1, H, D] in memory
             return output.view(batch, 1, num_heads, dim)

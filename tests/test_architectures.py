@@ -142,6 +142,12 @@ def batch_inputs(model, processor) -> dict:
     return multimodal_inputs(model, dict(outputs))
 
 
+def test_llava_onevision_images_of_a_multi_image_prompt_are_their_base_view_and_a_newline(built):
+    _, model, processor = built_once("llava_onevision", built)
+    inputs = batch_inputs(model, processor)  # row 0: one image (anyres); row 1: two images (base views only)
+    assert [grids_of(row) for row in inputs["patches"]] == [[(4, 4), (6, 9)], [(4, 4), (1, 1), (4, 4), (1, 1)]]
+
+
 @pytest.mark.parametrize("method", ["snapkv", "madakv", "streaming_llm", "adakv:knorm", "retentivekv"])
 def test_generation_after_eviction_with_a_left_padded_batch(arch, method):
     _, model, processor = arch

@@ -23,7 +23,8 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
   - "anyres" images (LLaVA-OneVision: `config.image_grid_pinpoints` and `image_sizes`): two grids per image, its base
     view (s x s patches) then its high-resolution tiles unpadded to the image's aspect ratio (and, past
     `vision_aspect_ratio`'s "anyres_max_N", shrunk to about N base views), each row ended by a newline token: a grid
-    of rows x (columns + 1), the newline tokens its last column.
+    of rows x (columns + 1), the newline tokens its last column. An image of a prompt with several images
+    (`batch_num_images`) has its base view only, then one newline token: a 1 x 1 grid. The image index counts grids.
   - 4-D `pixel_values` [N, C, H, W] (Llava): image i is (H / p) x (W / p) patches (`vision_config.patch_size`).
   - anything else: each run of visual tokens on the squarest grid that fits (`modality.infer_patches`).
 """
@@ -129,7 +130,11 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
         (height, width), (patch_h, patch_w) = _pair(vision.image_size), _pair(vision.patch_size)
         return uniform_grids(modality, (round(height // patch_h * ratio), round(width // patch_w * ratio)))
     if getattr(config, "image_grid_pinpoints", None) and inputs.get("image_sizes") is not None:
-        return anyres_grids(config, modality, inputs["image_sizes"].tolist())
+        per_prompt = inputs.get("batch_num_images")
+        alone = [True] * len(inputs["image_sizes"])  # each image is its prompt's only one
+        if per_prompt is not None:
+            alone = [int(n) == 1 for n in per_prompt for _ in range(int(n))]
+        return anyres_grids(config, modality, inputs["image_sizes"].tolist(), alone)
     tokens_per_image = getattr(config, "mm_tokens_per_image", None)
     if tokens_per_image is not None:  # the vision tower's patches average-pooled to a square of this many tokens
         side = math.isqrt(tokens_per_image)
@@ -147,13 +152,14 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 
-def anyres_grids(config: Any, modality: torch.Tensor, image_sizes: list[list[int]]) -> Grids:
+def anyres_grids(config: Any, modality: torch.Tensor, image_sizes: list[list[int]], alone: list[bool]) -> Grids:
     """LLaVA-OneVision's grids (see the module docstring): image_sizes lists every image of the batch in prompt order
-    as its original (height, width); the base side s is image_size / patch_size."""
+    as its original (height, width), `alone` whether it is its prompt's only image (else: base view + a newline);
+    the base side s is image_size / patch_size."""
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
     max_views = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_0")).removeprefix("anyres_max_"))
-    queue = [tuple(size) for size in image_sizes]
+    queue = list(zip(image_sizes, alone, strict=True))
     grids: Grids = []
     for row in modality:
         row_grids = []
@@ -162,7 +168,12 @@ def anyres_grids(config: Any, modality: torch.Tensor, image_sizes: list[list[int
             while left > 0:
                 if not queue:
                     raise ValueError("the prompt has more image tokens than image sizes")
-                rows, columns = _unpadded_grid(queue.pop(0), side, config.image_grid_pinpoints, vision.image_size)
+                size, is_alone = queue.pop(0)
+                if not is_alone:
+                    row_grids += [(side, side), (1, 1)]
+                    left -= side * side + 1
+                    continue
+                rows, columns = _unpadded_grid(size, side, config.image_grid_pinpoints, vision.image_size)
                 ratio = math.sqrt(rows * columns / (max_views * side**2)) if max_views else 0.0
                 if ratio > 1.1:  # OneVision interpolates the patches down to about max_views base views
                     rows, columns = int(rows // ratio), int(columns // ratio)

@@ -26,6 +26,10 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -46,6 +50,7 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
@@ -61,6 +66,7 @@ ARCHITECTURES = [
     "gemma3",
     "internvl",
     "llava_onevision",
+    "mistral3",
 ]
 TEXT_MODEL = dict(
     hidden_size=64,
@@ -129,6 +135,43 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, **kwargs)
+
+
+class PixtralLayoutProcessor:
+    """PixtralProcessor's layout without PixtralProcessor (its module imports torchvision): Pixtral's own image
+    processor, then each [IMG] placeholder expanded as `PixtralProcessor.replace_image_token` does -- per row of
+    merged patches, [IMG] x columns then [IMG_BREAK], the last one replaced by [IMG_END]."""
+
+    image_token = "[IMG]"
+
+    def __init__(self, image_processor, tokenizer, patch_size: int, spatial_merge_size: int, chat_template: str):
+        self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
+        self.merged_patch = patch_size * spatial_merge_size
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt", **kwargs):
+        texts = [text] if isinstance(text, str) else list(text)
+        flat = [image for group in images for image in group] if images and isinstance(images[0], list) else images
+        outputs = {}
+        if flat:
+            outputs = dict(self.image_processor(flat, patch_size=self.merged_patch, return_tensors="pt"))
+            sizes = iter(outputs["image_sizes"].tolist())
+            texts = [self._expand(t, sizes) for t in texts]
+        encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **kwargs)
+        return {**encoded, **outputs}
+
+    def _expand(self, text: str, sizes) -> str:
+        pieces = text.split(self.image_token)
+        expanded = pieces[0]
+        for piece in pieces[1:]:
+            height, width = next(sizes)
+            rows = [["[IMG]"] * (width // self.merged_patch) + ["[IMG_BREAK]"]] * (height // self.merged_patch)
+            tokens = [token for row in rows for token in row]
+            tokens[-1] = "[IMG_END]"
+            expanded += "".join(tokens) + piece
+        return expanded
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -305,6 +348,24 @@ def build_llava_onevision():
     return LlavaOnevisionForConditionalGeneration(config), processor
 
 
+def build_mistral3():
+    """Mistral 3 (Pixtral vision tower, 2 x 2 patch merger, Mistral language model) with a window-less text config;
+    inputs laid out as PixtralProcessor does (`PixtralLayoutProcessor`)."""
+    tokenizer = smollm2_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"])
+    vision = PixtralVisionConfig(**dict(VISION_MODEL, image_size=64), head_dim=16)
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=MistralConfig(**text_config(tokenizer), head_dim=16, sliding_window=None),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 64})
+    template = LLAVA_TEMPLATE.replace("<image>", "[IMG]")
+    processor = PixtralLayoutProcessor(image_processor, tokenizer, 8, 2, chat_template=template)
+    return Mistral3ForConditionalGeneration(config), processor
+
+
 def build(name: str):
     torch.manual_seed(0)
     if name == "llava":
@@ -315,6 +376,8 @@ def build(name: str):
         model, processor = build_internvl()
     elif name == "llava_onevision":
         model, processor = build_llava_onevision()
+    elif name == "mistral3":
+        model, processor = build_mistral3()
     elif name.startswith("qwen"):
         model, processor = build_qwen(name)
     else:

@@ -1,6 +1,6 @@
 """Real VLM architectures of transformers (Llava, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM, Gemma 3,
-InternVL, LLaVA-OneVision) through their own processors, as tiny randomly initialised models (tests/architectures.py
-builds them) with SmolLM2's real tokenizer.
+InternVL, LLaVA-OneVision, Mistral 3) through their own processors (Mistral 3: its layout, as PixtralProcessor needs
+torchvision), as tiny randomly initialised models (tests/architectures.py builds them) with SmolLM2's real tokenizer.
 
 Qwen videos are laid out by hand as its processor would lay them out (`qwen_inputs`, checked against the processor on
 images): the video processors need torchvision. Hybrid models (Gemma 3: sliding-window and global layers) are checked
@@ -91,15 +91,11 @@ EXPECTED_GRIDS = {
     "idefics3": [(2, 2)] * 10,  # per image: 2 x 2 tiles + the global view, each 2 x 2 tokens
     "smolvlm": [(2, 2)] * 10,
     "gemma3": [(2, 2)] * 2,  # 32 px / 8 px patches, average-pooled to mm_tokens_per_image = 4
-    "internvl": [(2, 2)] * 8,
+    "internvl": [(2, 2)] * 8,  # per image: its 32 px tiles and a thumbnail, 4 x 4 patches shuffled to 2 x 2
     # per image: the base view's 4 x 4 patches, then the 2 x 2 tiles' 8 x 8 unpadded (56 x 84 px: 6 rows, 84 x 56 px:
     # 6 columns), a newline token ending each row
-    "llava_onevision": [
-        (4, 4),
-        (6, 9),
-        (4, 4),
-        (8, 7),
-    ],  # per image: its 32 px tiles and a thumbnail, each 4 x 4 patches shuffled to 2 x 2
+    "llava_onevision": [(4, 4), (6, 9), (4, 4), (8, 7)],
+    "mistral3": [(3, 4), (4, 3)],  # 48 x 64 and 64 x 48 px (resized to 16 px multiples), 8 px patches merged 2 x 2
 }
 
 

@@ -19,6 +19,9 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
     (tiles and global views) in prompt order within the row, not the user's images.
   - tiles pixel-shuffled by `config.downsample_ratio` r (InternVL): every tile (and the thumbnail) is its own grid of
     (image_size / patch_size * r) tokens a side, as for Idefics3.
+  - merged patches in rows (Mistral 3 / Pixtral: `config.spatial_merge_size` m and `image_sizes`, the processed size
+    of each image of the batch in order): (H / (p * m)) x (W / (p * m)) tokens, each row of them followed by a break
+    token that is not an image token (so an image is several runs).
   - pooled images (Gemma 3: `config.mm_tokens_per_image`): every image is a square grid of that many tokens.
   - "anyres" images (LLaVA-OneVision: `config.image_grid_pinpoints` and `image_sizes`): two grids per image, its base
     view (s x s patches) then its high-resolution tiles unpadded to the image's aspect ratio (and, past
@@ -135,6 +138,10 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
         if per_prompt is not None:
             alone = [int(n) == 1 for n in per_prompt for _ in range(int(n))]
         return anyres_grids(config, modality, inputs["image_sizes"].tolist(), alone)
+    merge = getattr(config, "spatial_merge_size", None)
+    if merge is not None and inputs.get("image_sizes") is not None:
+        step = _pair(vision.patch_size)[0] * merge
+        return per_image_grids(modality, [(h // step, w // step) for h, w in inputs["image_sizes"].tolist()])
     tokens_per_image = getattr(config, "mm_tokens_per_image", None)
     if tokens_per_image is not None:  # the vision tower's patches average-pooled to a square of this many tokens
         side = math.isqrt(tokens_per_image)
@@ -194,6 +201,20 @@ def _unpadded_grid(size: tuple[int, int], side: int, pinpoints: list, tile: int)
         return rows - 2 * padding, columns
     padding = (columns - int(round(width * (rows / height), 7))) // 2
     return rows, columns - 2 * padding
+
+
+def per_image_grids(modality: torch.Tensor, sizes: list[tuple[int, int]]) -> Grids:
+    """The grids of every image of the batch in prompt order, dealt to the rows by their visual-token counts."""
+    queue, grids = list(sizes), []
+    for count in (modality != TEXT).sum(-1).tolist():
+        row_grids = []
+        while count > 0:
+            if not queue:
+                raise ValueError("the prompt has more image tokens than image sizes")
+            row_grids.append(queue.pop(0))
+            count -= row_grids[-1][0] * row_grids[-1][1]
+        grids.append(row_grids)
+    return grids
 
 
 def uniform_grids(modality: torch.Tensor, grid: tuple[int, int]) -> Grids | None:

@@ -11,10 +11,10 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 
 from modalkv.attention import ATTENTION_NAME, register
-from modalkv.cache import CompressedCache, attention_windows
+from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.modality import modality_from_input_ids
-from modalkv.policy import Policy
+from modalkv.policy import Policy, attention_windows
 from modalkv.storage import GROWTH_MIN
 
 

@@ -7,7 +7,7 @@ protocol around the press (`policy.py`): a layer stores the press's selection at
 as one step: append, attention (`kernels.py`), the press's memory read-out, the press's decode-time eviction.
 
 Hybrid models (Gemma 3, gpt-oss) mix full-attention ("global") and sliding-window layers. The cache reads each layer's
-kind from the model's config exactly as transformers' own DynamicCache does (`get_layer_types_and_kwargs`): global
+kind from the model's config exactly as transformers' own DynamicCache does (`policy.attention_windows`): global
 layers are compressed by the press, sliding layers keep transformers' window (`policy.SlidingWindow`, the last
 `sliding_window - 1` tokens between forwards) in the same ragged storage, so their decoding step is the same
 sync-free step. Budgets apply to global layers; byte counts cover both (`include_sliding`).
@@ -20,27 +20,12 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from modalkv.kernels import ragged_attention
 from modalkv.modality import check_modality, check_patches, infer_patches
-from modalkv.policy import DecodeView, LeavingTokens, Policy, PrefillInputs, SlidingWindow
+from modalkv.policy import DecodeView, LeavingTokens, Policy, PrefillInputs, SlidingWindow, attention_windows
 from modalkv.storage import GROWTH_MIN, RaggedRows
-
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def attention_windows(config: PretrainedConfig) -> list[int | None]:
-    """Per layer of a language model's config, its sliding window (None: full attention), read as transformers'
-    DynamicCache reads it. Raises ValueError for other kinds of layers (chunked, linear, shared KV, ...)."""
-    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-    unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
-    if unsupported:
-        raise ValueError(
-            f"the model has {unsupported} layers; modalkv supports full-attention and sliding-window layers "
-            f"({', '.join(SUPPORTED_LAYER_TYPES)})"
-        )
-    return [kwargs.get("sliding_window") for kwargs in layer_kwargs]
 
 
 @dataclass

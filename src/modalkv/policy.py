@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from modalkv.storage import RaggedRows
 
@@ -170,3 +172,19 @@ class SlidingWindow:
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         """Newer tokens score higher: the oldest leaves."""
         return view.slot("columns").float()
+
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer of a language model's config, its sliding window (None: full attention), read as transformers'
+    DynamicCache reads it. Raises ValueError for other kinds of layers (chunked, linear, shared KV, ...)."""
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise ValueError(
+            f"the model has {unsupported} layers; modalkv supports full-attention and sliding-window layers "
+            f"({', '.join(SUPPORTED_LAYER_TYPES)})"
+        )
+    return [kwargs.get("sliding_window") for kwargs in layer_kwargs]

@@ -4,6 +4,7 @@ import math
 from types import SimpleNamespace
 
 import torch
+from transformers import PretrainedConfig
 
 from modalkv.presses.base import PrefillInputs, Press
 
@@ -11,10 +12,10 @@ from modalkv.presses.base import PrefillInputs, Press
 def make_inputs(
     batch=1, heads=4, kv_heads=2, seq=20, dim=8, is_real=None, seed=0, num_layers=4, layer_idx=0, modality=None
 ) -> PrefillInputs:
-    """Seeded random queries/keys/values; `module` carries just the config fields presses read."""
+    """Seeded random queries/keys/values; `module` carries just a config (presses read its layer count)."""
     gen = torch.Generator().manual_seed(seed)
     return PrefillInputs(
-        module=SimpleNamespace(config=SimpleNamespace(num_hidden_layers=num_layers)),
+        module=SimpleNamespace(config=PretrainedConfig(num_hidden_layers=num_layers)),  # all layers full attention
         layer_idx=layer_idx,
         queries=torch.randn(batch, heads, seq, dim, generator=gen),
         keys=torch.randn(batch, kv_heads, seq, dim, generator=gen),

@@ -29,6 +29,8 @@ JSON_KEYS = {
     "generated_tokens",
     "cache_bytes",
     "full_cache_bytes",
+    "global_cache_bytes",
+    "global_full_cache_bytes",
     "allocated_bytes",
     "memory_bytes",
     "prefill_seconds",

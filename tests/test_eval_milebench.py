@@ -113,7 +113,7 @@ def test_single_dataset_folder_selection_and_bad_samples(tmp_path, tokenizer):
 
 
 def test_a_vision_language_model_gets_the_images_in_place_through_its_processor():
-    from test_architectures import build_llava
+    from architectures import build_llava
 
     from modalkv.modality import IMAGE
     from modalkv.presses import get_press

@@ -12,7 +12,7 @@ from eval_tiny import save_tiny_model
 from typer.testing import CliRunner
 
 from modalkv import cli, get_press
-from modalkv.eval import runner
+from modalkv.eval import report, runner
 from modalkv.eval.tasks import build_task
 from modalkv.presses import METHODS
 
@@ -165,6 +165,19 @@ def test_two_processes_under_torchrun_merge_to_the_single_process_run(tiny, base
 
 def lines_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_table_adds_the_global_layers_ratio_only_for_hybrid_models():
+    def record(method: str, ratio: float, global_ratio: float | None) -> dict:
+        return dict(
+            task="passkey", method=method, budget=0.2, score=1.0, metrics={}, in_average=True, cache_ratio=ratio
+        ) | ({} if global_ratio is None else {"global_cache_ratio": global_ratio})
+
+    hybrid = report.summarize([record("full", 1.0, 1.0), record("snapkv", 0.65, 0.2)])
+    header, rows = report.table(hybrid)
+    assert header[2:4] == ["cache", "global"] and rows[1][:4] == ["snapkv", "0.2", "0.650", "0.200"]
+    for records in ([record("snapkv", 0.2, 0.2)], [record("snapkv", 0.2, None)]):  # no sliding layers; older runs
+        assert report.table(report.summarize(records))[0][2:4] == ["cache", "passkey (n=1)"]
 
 
 def test_presses_of_a_grid():

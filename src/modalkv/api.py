@@ -14,7 +14,7 @@ from modalkv.attention import ATTENTION_NAME, register
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.modality import modality_from_input_ids
-from modalkv.policy import Policy
+from modalkv.policy import Policy, attention_windows
 from modalkv.storage import GROWTH_MIN
 
 
@@ -100,17 +100,12 @@ def decode_compile_config(device: torch.device) -> CompileConfig:
 
 
 def check_model(model: PreTrainedModel) -> None:
-    """Raises ValueError for models the engine cannot serve correctly."""
-    config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:  # older configs: Qwen2 sets sliding_window but only uses it with use_sliding_window
-        sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-        layer_types = ["sliding_attention" if sliding else "full_attention"]
-    if set(layer_types) != {"full_attention"}:
-        raise ValueError(
-            f"{type(model).__name__} has {sorted(set(layer_types))} layers; modalkv supports models whose layers "
-            "all use full attention"
-        )
+    """Raises ValueError for models the engine cannot serve correctly: layers other than full attention and sliding
+    windows (read as transformers' DynamicCache reads them)."""
+    try:
+        attention_windows(model.config.get_text_config(decoder=True))
+    except ValueError as error:
+        raise ValueError(f"{type(model).__name__}: {error}") from None
 
 
 def check_prompt_length(model: PreTrainedModel, num_tokens: int, max_new_tokens: int = 0) -> None:

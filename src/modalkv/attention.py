@@ -6,6 +6,9 @@ Prefill (a layer's cache is empty): attention is transformers' own sdpa, then th
 follow-up prompts): the layer's decoding step (`CompressedLayer.decode`) appends, attends, reads and evicts.
 
 With no compressed layer pending (another cache, or `use_cache=False`) the function is plain sdpa.
+
+Attention sinks (gpt-oss passes `s_aux`, one logit per query head) are honoured everywhere: transformers' sdpa would
+drop them silently, so a prefill with sinks runs `sdpa_with_sinks`. A logit soft-cap (Gemma 2) is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import ctypes
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -50,14 +54,20 @@ def modalkv_attention(
     """Attention with the sdpa signature. query: [B, H, q, D]; key/value: [B, H_kv, q, D]. Returns [B, q, H, D]."""
     pending = take_pending(module.layer_idx)
     scaling = scaling if scaling is not None else key.shape[-1] ** -0.5
+    if kwargs.get("softcap") is not None:
+        raise ValueError("modalkv attention does not support a logit soft-cap (softcap); this model needs eager")
+    sinks = kwargs.pop("s_aux", None)  # [H] attention-sink logits
     if pending is not None and pending.start_column > 0:
         # One new token is never padding (generate() pads prompts only); checking several reads the device once.
-        if query.shape[2] > 1 and attention_mask is not None and not bool(real_tokens(attention_mask, key).all()):
+        if query.shape[2] > 1 and attention_mask is not None and not bool(seen_keys(attention_mask).all()):
             raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")
-        return pending.layer.decode(query, key, value, scaling), None
-    output, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
+        return pending.layer.decode(query, key, value, scaling, sinks), None
+    if sinks is not None:
+        output = sdpa_with_sinks(query, key, value, attention_mask, scaling, sinks)
+    else:
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if pending is not None:  # the prefill of a compressed layer: keep only what the press chooses
         cache = pending.layer.cache
         modality, patches = cache.prefill_maps(key.shape[0], key.shape[2], key.device)
@@ -79,8 +89,47 @@ def modalkv_attention(
     return output, None
 
 
+def sdpa_with_sinks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    """sdpa with one sink logit per query head in the softmax (gpt-oss), as one more key that every query sees with a
+    zero value. One extra feature gives it exactly that logit and leaves the others alone: queries carry
+    sinks[h] / scaling there, real keys 0, the sink key 1. query: [B, H, S, D]; key/value: [B, H_kv, K, D];
+    attention_mask: [B, 1, S, K] bool or additive, or None (causal). Returns [B, S, H, D]."""
+    batch, heads, seq, _ = query.shape
+    kv_len = key.shape[2]
+    sink_feature = (sinks.to(query.dtype) / scaling).view(1, heads, 1, 1).expand(batch, heads, seq, 1)
+    query = torch.cat([query, sink_feature], dim=-1)
+    key = F.pad(F.pad(key, (0, 1)), (0, 0, 0, 1))  # [B, H_kv, K + 1, D + 1]: a zero feature, then the sink key
+    key[:, :, -1, -1] = 1
+    value = F.pad(value, (0, 0, 0, 1))  # the sink contributes nothing
+    if attention_mask is None:  # causal, aligned to the last keys (as transformers' masks are)
+        attention_mask = torch.ones(seq, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - seq)
+        attention_mask = attention_mask.expand(batch, 1, seq, kv_len)
+    sink_column = 0 if attention_mask.dtype != torch.bool else True
+    attention_mask = F.pad(attention_mask, (0, 1), value=sink_column)
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=heads != key.shape[1]
+    )
+    return output.transpose(1, 2).contiguous()
+
+
+def seen_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, K] which keys of a 4-D mask some query sees: padding is seen by none (sliding windows hide real ones from
+    some queries, never from all, as every token sees itself)."""
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return attention_mask[:, 0].any(-2)
+
+
 def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
-    """[B, S] True for real tokens, False for padding, read from the prefill's 4-D mask (None: no padding)."""
+    """[B, S] True for real tokens, False for padding, read from the prefill's 4-D mask (None: no padding). On a
+    sliding layer it is right over the last query's window, the only columns the window keeps."""
     batch, _, seq, _ = key.shape
     if attention_mask is None:
         return torch.ones(batch, seq, dtype=torch.bool, device=key.device)

@@ -5,19 +5,26 @@ The storage itself (ragged rows in paged buffers, bounded slack, amortised growt
 the transformers side -- the cache and layer contract, the logical length, byte accounting, beam reordering -- and the
 protocol around the press (`policy.py`): a layer stores the press's selection at prefill, and runs each later forward
 as one step: append, attention (`kernels.py`), the press's memory read-out, the press's decode-time eviction.
+
+Hybrid models (Gemma 3, gpt-oss) mix full-attention ("global") and sliding-window layers. The cache reads each layer's
+kind from the model's config exactly as transformers' own DynamicCache does (`policy.attention_windows`): global
+layers are compressed by the press, sliding layers keep transformers' window (`policy.SlidingWindow`, the last
+`sliding_window - 1` tokens between forwards) in the same ragged storage, so their decoding step is the same
+sync-free step. Budgets apply to global layers; byte counts cover both (`include_sliding`).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from modalkv.kernels import ragged_attention
 from modalkv.modality import check_modality, check_patches, infer_patches
-from modalkv.policy import DecodeView, LeavingTokens, Policy, PrefillInputs
+from modalkv.policy import DecodeView, LeavingTokens, Policy, PrefillInputs, SlidingWindow, attention_windows
 from modalkv.storage import GROWTH_MIN, RaggedRows
 
 
@@ -58,9 +65,9 @@ def take_pending(layer_idx: int) -> PendingUpdate | None:
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One layer of a `CompressedCache`: ragged per-row storage of the kept keys and values."""
+    """One layer of a `CompressedCache`: ragged per-row storage of the kept keys and values. A sliding-window layer
+    (known at its prefill) keeps `window`'s tokens instead of the press's."""
 
-    is_sliding = False
     is_compileable = False
     is_croppable = False
 
@@ -73,6 +80,16 @@ class CompressedLayer(CacheLayerMixin):
         self.memory: dict[str, torch.Tensor] = {}  # a press's per-row state beside the tokens ([B * H_kv, ...])
         self.batch_size = 0
         self.num_kv_heads = 0
+        self.window: SlidingWindow | None = None
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.window is not None
+
+    @property
+    def policy(self) -> Policy | SlidingWindow:
+        """Who decides what this layer keeps: its window if it is a sliding layer, else the cache's press."""
+        return self.window or self.cache.press
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -97,9 +114,17 @@ class CompressedLayer(CacheLayerMixin):
     # -- prefill and decoding -----------------------------------------------------------------------------------
 
     def store_prefill(self, inputs: PrefillInputs) -> None:
-        """Stores what the press keeps of this layer's prefill (inputs.keys/values: [B, H_kv, S, D])."""
-        press = self.cache.press
-        selection = press.select(inputs)
+        """Stores what the press (or, on a sliding layer, the window) keeps of this layer's prefill
+        (inputs.keys/values: [B, H_kv, S, D])."""
+        windows = self.cache.layer_windows(inputs.module.config)
+        size = windows[self.layer_idx]
+        self.window = None if size is None else SlidingWindow(size)
+        if size is None:  # the press sees the global layers only: depth and count among them
+            global_layers = [i for i, w in enumerate(windows) if w is None]
+            depth = global_layers.index(self.layer_idx)
+            inputs = replace(inputs, layer_idx=depth, num_compressed_layers=len(global_layers))
+        policy = self.policy
+        selection = policy.select(inputs)
         batch, heads, seq, dim = inputs.keys.shape
         flat_idx = selection.indices.reshape(batch * heads, -1)
         gather_idx = flat_idx[..., None].expand(-1, -1, dim)
@@ -114,18 +139,28 @@ class CompressedLayer(CacheLayerMixin):
         for name, data in selection.slot_data.items():
             kept[name] = data.reshape(batch * heads, seq).gather(1, flat_idx)
         lengths = selection.lengths.reshape(-1).to(torch.long)
-        budget, limits, reserve = press.budget, None, self.cache.reserve
-        if press.evict_every and budget != 1:  # rows stay at their budget while decoding
-            limits = torch.full_like(lengths, int(budget)) if budget > 1 else lengths.clone()
-            reserve = press.evict_every
+        limits, reserve = None, self.cache.reserve
+        if self.window is not None:
+            limits, reserve = torch.full_like(lengths, self.window.limit), self.window.evict_every
+        elif policy.evict_every and policy.budget != 1:  # rows stay at their budget while decoding
+            limits = torch.full_like(lengths, int(policy.budget)) if policy.budget > 1 else lengths.clone()
+            reserve = policy.evict_every
         self.rows = RaggedRows.build(kept, lengths, limits, reserve)
         self.memory = selection.memory
 
-    def decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    def decode(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scaling: float,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One forward's new tokens on a stored layer: append, attend, read the memory, evict.
 
-        query: [B, H, q, D]; keys, values: [B, H_kv, q, D], rotated. Returns [B, q, H, D]."""
-        press, rows = self.cache.press, self.rows
+        query: [B, H, q, D]; keys, values: [B, H_kv, q, D], rotated; sinks: [H] attention-sink logits (gpt-oss) or
+        None. Returns [B, q, H, D]."""
+        press, rows = self.policy, self.rows
         batch, num_heads, q, dim = query.shape
         num_rows, groups = batch * self.num_kv_heads, num_heads // self.num_kv_heads
         start_column = self.seen - q
@@ -135,9 +170,12 @@ class CompressedLayer(CacheLayerMixin):
         query_columns = start_column  # one new token sees everything stored; several attend causally among themselves
         if q > 1:
             query_columns = torch.arange(start_column, self.seen, device=query.device, dtype=torch.int32).repeat(groups)
+        if sinks is not None:  # [H] -> [R, G * q]: query head (KV head, g) of every row, each of its q tokens
+            sinks = sinks.float().view(1, self.num_kv_heads, groups, 1).expand(batch, -1, -1, q).reshape(num_rows, -1)
         evicting = rows.limits is not None
         with_weights = (evicting or bool(self.memory)) and press.needs_decode_attention
-        result = ragged_attention(rows, queries, scaling, query_columns, with_weights)
+        window = None if self.window is None else self.window.size
+        result = ragged_attention(rows, queries, scaling, query_columns, with_weights, window, sinks)
         output = result.output
         if self.memory or evicting:
             view = DecodeView(rows, result.weights, self.memory, self.num_kv_heads, groups, self.seen)
@@ -145,7 +183,9 @@ class CompressedLayer(CacheLayerMixin):
                 output = press.read_memory(view, queries, output, result.log_mass)
             if evicting:
                 press.observe(view)
-                if rows.unevicted >= press.evict_every:
+                if self.window is not None and q > 1:  # several tokens: what left the window goes at once
+                    self.rows = rows.keep_from_column(self.seen - self.window.limit)
+                elif rows.unevicted >= press.evict_every:
                     rows.evict(press.decode_scores(view), self._absorb(view) if self.memory else None)
         if q == 1:  # [R, G, D] is already [B, 1, H, D] in memory
             return output.view(batch, 1, num_heads, dim)
@@ -159,7 +199,7 @@ class CompressedLayer(CacheLayerMixin):
             tokens = LeavingTokens(
                 rows.slots["keys"].index_select(0, slot), rows.slots["values"].index_select(0, slot), slot, leaving
             )
-            self.cache.press.absorb(view, tokens)
+            self.cache.press.absorb(view, tokens)  # only press layers have a memory
 
         return release
 
@@ -194,10 +234,12 @@ class CompressedLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.memory.values())
 
     def full_cache_bytes(self) -> int:
-        """Bytes an uncompressed DynamicCache would hold for the same inputs (padding included, as it stores it)."""
+        """Bytes transformers' own DynamicCache would hold for the same inputs (padding included, as it stores it;
+        a sliding layer: its window's last `sliding_window - 1` columns)."""
         if not self.is_initialized:
             return 0
-        return self.batch_size * self.num_kv_heads * self.seen * self.bytes_per_token()
+        held = self.seen if self.window is None else min(self.seen, self.window.limit)
+        return self.batch_size * self.num_kv_heads * held * self.bytes_per_token()
 
     # -- the transformers Cache-layer contract ------------------------------------------------------------------
 
@@ -273,6 +315,13 @@ class CompressedCache(Cache):
         self.reserve = reserve
         self.press_state: dict = {}  # what a press carries from one layer's prefill to the next (e.g. budgets)
         self.maps_checked: tuple | None = None  # the prefill shape the maps were last checked against
+        self.windows: list[int | None] | None = None  # per layer: its sliding window, None for full attention
+
+    def layer_windows(self, config: PretrainedConfig) -> list[int | None]:
+        """Per layer, its sliding window or None (full attention), read from the model's config once."""
+        if self.windows is None:
+            self.windows = attention_windows(config)
+        return self.windows
 
     def prefill_maps(self, batch: int, seq: int, device: torch.device) -> tuple[torch.Tensor | None, ...]:
         """The prompt's modality and patch maps on `device`, checked against the prefill's shape once (at its first
@@ -320,9 +369,10 @@ class CompressedCache(Cache):
         if self.patches is not None:
             self.patches = self.patches[indices.to(self.patches.device)]
 
-    def cache_bytes(self) -> int:
-        """Bytes of the kept keys and values over all layers."""
-        return sum(layer.cache_bytes() for layer in self.layers)
+    def cache_bytes(self, include_sliding: bool = True) -> int:
+        """Bytes of the kept keys and values over all layers (`include_sliding=False`: the global layers only, those
+        the press compresses; their ratio to `full_cache_bytes(False)` is the budget's)."""
+        return sum(layer.cache_bytes() for layer in self.layers if include_sliding or not layer.is_sliding)
 
     def allocated_bytes(self) -> int:
         """Bytes allocated by the storage (kept tokens + bounded slack, see the module docstring)."""
@@ -332,9 +382,10 @@ class CompressedCache(Cache):
         """Bytes of the presses' state beside the kept tokens (RetentiveKV's memories), over all layers."""
         return sum(layer.memory_bytes() for layer in self.layers)
 
-    def full_cache_bytes(self) -> int:
-        """Bytes an uncompressed cache (DynamicCache) would hold for the same inputs."""
-        return sum(layer.full_cache_bytes() for layer in self.layers)
+    def full_cache_bytes(self, include_sliding: bool = True) -> int:
+        """Bytes transformers' own DynamicCache would hold for the same inputs (its sliding layers hold their window
+        only), over all layers or (`include_sliding=False`) the global ones."""
+        return sum(layer.full_cache_bytes() for layer in self.layers if include_sliding or not layer.is_sliding)
 
     def kept_positions(self) -> list[list[list[list[int]]]]:
         """Kept sequence positions per layer, batch row and KV head: `[layer][row][head] -> sorted list`."""

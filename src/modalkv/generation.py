@@ -45,8 +45,10 @@ class GenerationResult:
     budget: float | int
     prompt_tokens: int
     generated_tokens: int
-    cache_bytes: int  # KV bytes held at the end
-    full_cache_bytes: int  # what an uncompressed cache would hold for the same tokens
+    cache_bytes: int  # KV bytes held at the end, every layer (sliding-window layers: their window)
+    full_cache_bytes: int  # what transformers' own cache would hold for the same tokens (its sliding layers: windows)
+    global_cache_bytes: int  # the same over the layers the press compresses (all, unless the model has sliding ones)
+    global_full_cache_bytes: int
     allocated_bytes: int  # bytes the storage allocated (kept + documented slack)
     memory_bytes: int  # a press's state beside the tokens (RetentiveKV's memories), not in cache_bytes
     prefill_seconds: float
@@ -96,6 +98,8 @@ def generate_timed(
         generated_tokens=len(new_tokens),
         cache_bytes=cache.cache_bytes(),
         full_cache_bytes=cache.full_cache_bytes(),
+        global_cache_bytes=cache.cache_bytes(include_sliding=False),
+        global_full_cache_bytes=cache.full_cache_bytes(include_sliding=False),
         allocated_bytes=cache.allocated_bytes(),
         memory_bytes=cache.memory_bytes(),
         prefill_seconds=clock.times[0] - start,

@@ -5,6 +5,10 @@ Each row's G query heads are stacked as G * q queries of a single head, so no ke
 combine: one batched product of every page with its row's queries, a per-row maximum and sum gathered across the
 row's pages (`scatter_reduce`, `index_add`), then one batched product with the values -- the same dozen kernels
 whatever the per-row lengths, so uneven heads (MadaKV) cost what even ones do.
+
+Two model features ride on top: a sliding window (several new queries each see only the last `window` columns) and
+attention sinks (gpt-oss: one learned logit per query head joins the softmax's denominator and contributes no value,
+so the output is scaled by Z / (Z + exp(sink)) = sigmoid(log Z - sink)).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def ragged_attention(
     scaling: float,
     query_columns: torch.Tensor | int,
     with_weights: bool = False,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> AttentionResult:
     """Attention of `queries` [R, G * q, D] over `rows` (the new tokens already appended).
 
@@ -37,15 +43,29 @@ def ragged_attention(
         query_columns: [G * q] the sequence column of each stacked query, for causal masking among several new
             tokens; or one int, the column of the single new token (everything stored is visible to it).
         with_weights: also return the softmax weights and log-masses (what decode-time scoring reads).
+        window: a sliding window: a query at column c sees columns > c - window. Only applied to several queries
+            (a tensor `query_columns`): a sliding layer holds no more than the single new token may see.
+        sinks: [R, G * q] float32 sink logits of each stacked query (gpt-oss), or None. The log-mass returned then
+            includes the sinks.
     """
     if rows.uniform_length is not None:
-        return _alike_rows(rows, queries, scaling, query_columns, with_weights)
+        result = _alike_rows(rows, queries, scaling, query_columns, with_weights or sinks is not None, window)
+        if sinks is None:
+            return result
+        if not with_weights:  # computed for the log-mass only
+            result.weights = None
+        return _with_sinks(result, sinks, None)
     page_row = rows.layout.page_row
     zero, row_zeros, output_zeros, by_query = _constants(rows, queries)
     page_queries = queries.index_select(0, page_row)  # [pages, G * q, D]
     logits = torch.baddbmm(zero, page_queries, rows.window("keys", transposed=True), beta=0, alpha=scaling)
     columns = rows.window("columns", head_axis=True)  # [pages, 1, page]
-    hidden = columns > (query_columns[:, None] if torch.is_tensor(query_columns) else query_columns)  # FREE too
+    if torch.is_tensor(query_columns):
+        hidden = columns > query_columns[:, None]  # FREE too
+        if window is not None:
+            hidden |= columns <= query_columns[:, None] - window
+    else:
+        hidden = columns > query_columns
     logits = logits.float().masked_fill_(hidden, float("-inf"))  # [pages, G * q, page]
     # Every row has a page, so the maximum over its pages replaces the zeros it starts from.
     row_max = row_zeros.scatter_reduce(0, by_query, logits.amax(-1, keepdim=True), "amax", include_self=False)
@@ -53,10 +73,21 @@ def ragged_attention(
     row_sum = row_zeros.index_add(0, page_row, exps.sum(-1, keepdim=True))  # [R, G * q, 1]
     page_out = torch.bmm(exps.to(queries.dtype), rows.window("values"))  # [pages, G * q, D]
     output = (output_zeros.index_add(0, page_row, page_out.float()) / row_sum).to(queries.dtype)
-    if not with_weights:
-        return AttentionResult(output, None, None)
-    weights = exps / row_sum.index_select(0, page_row)
-    return AttentionResult(output, weights, (row_max + row_sum.log())[..., 0])
+    weights = exps / row_sum.index_select(0, page_row) if with_weights else None
+    log_mass = (row_max + row_sum.log())[..., 0] if with_weights or sinks is not None else None
+    result = AttentionResult(output, weights, log_mass)
+    return result if sinks is None else _with_sinks(result, sinks, page_row)
+
+
+def _with_sinks(result: AttentionResult, sinks: torch.Tensor, page_row: torch.Tensor | None) -> AttentionResult:
+    """The attention with sink logits [R, G * q] in the denominator: output and weights scaled by Z / (Z + exp(sink)),
+    the log-mass log(Z + exp(sink)). page_row: each page's row (ragged rows), None for alike rows."""
+    log_mass = torch.logaddexp(result.log_mass, sinks)
+    share = (result.log_mass - log_mass).exp_()[..., None]  # [R, G * q, 1]
+    weights = result.weights
+    if weights is not None:
+        weights = weights * (share if page_row is None else share.index_select(0, page_row))
+    return AttentionResult(result.output * share.to(result.output.dtype), weights, log_mass)
 
 
 def _constants(rows: RaggedRows, queries: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -71,12 +102,20 @@ def _constants(rows: RaggedRows, queries: torch.Tensor) -> tuple[torch.Tensor, .
 
 
 def _alike_rows(
-    rows: RaggedRows, queries: torch.Tensor, scaling: float, query_columns: torch.Tensor | int, with_weights: bool
+    rows: RaggedRows,
+    queries: torch.Tensor,
+    scaling: float,
+    query_columns: torch.Tensor | int,
+    with_weights: bool,
+    window: int | None,
 ) -> AttentionResult:
     num_rows, num_queries, dim = queries.shape
     visible = None
     if torch.is_tensor(query_columns):
-        visible = rows.window("columns", head_axis=True) <= query_columns[:, None]  # [R, G * q, L]
+        columns = rows.window("columns", head_axis=True)
+        visible = columns <= query_columns[:, None]  # [R, G * q, L]
+        if window is not None:
+            visible &= columns > query_columns[:, None] - window
     if not with_weights:  # [R, 1, L, D] views of the buffers: no copy, no repeated keys
         keys, values = rows.window("keys", head_axis=True), rows.window("values", head_axis=True)
         mask = None if visible is None else visible[:, None]

@@ -17,6 +17,17 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
     image_size / patch_size / scale_factor. An image split into r x c tiles gives r * c + 1 grids: its tiles in
     row-major order, then its downscaled global view. So on these models the patch map's "image index" counts grids
     (tiles and global views) in prompt order within the row, not the user's images.
+  - tiles pixel-shuffled by `config.downsample_ratio` r (InternVL): every tile (and the thumbnail) is its own grid of
+    (image_size / patch_size * r) tokens a side, as for Idefics3.
+  - merged patches in rows (Mistral 3 / Pixtral: `config.spatial_merge_size` m and `image_sizes`, the processed size
+    of each image of the batch in order): (H / (p * m)) x (W / (p * m)) tokens, each row of them followed by a break
+    token that is not an image token (so an image is several runs).
+  - pooled images (Gemma 3: `config.mm_tokens_per_image`): every image is a square grid of that many tokens.
+  - "anyres" images (LLaVA-OneVision: `config.image_grid_pinpoints` and `image_sizes`): two grids per image, its base
+    view (s x s patches) then its high-resolution tiles unpadded to the image's aspect ratio (and, past
+    `vision_aspect_ratio`'s "anyres_max_N", shrunk to about N base views), each row ended by a newline token: a grid
+    of rows x (columns + 1), the newline tokens its last column. An image of a prompt with several images
+    (`batch_num_images`) has its base view only, then one newline token: a 1 x 1 grid. The image index counts grids.
   - 4-D `pixel_values` [N, C, H, W] (Llava): image i is (H / p) x (W / p) patches (`vision_config.patch_size`).
   - anything else: each run of visual tokens on the squarest grid that fits (`modality.infer_patches`).
 """
@@ -24,12 +35,14 @@ processor already gives them (`modality`, `patches`, as modalkv's own mini-VLM p
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.image_processing_utils import select_best_resolution
 
 from modalkv.modality import (
     IMAGE,
@@ -115,11 +128,93 @@ def image_grids(model: PreTrainedModel, inputs: dict[str, torch.Tensor], modalit
     if getattr(config, "scale_factor", None) is not None:  # tiles and global views, all of one square size
         side = vision.image_size // vision.patch_size // config.scale_factor
         return uniform_grids(modality, (side, side))
+    ratio = getattr(config, "downsample_ratio", None)
+    if ratio is not None:  # tiles of image_size, their patches pixel-shuffled by the ratio
+        (height, width), (patch_h, patch_w) = _pair(vision.image_size), _pair(vision.patch_size)
+        return uniform_grids(modality, (round(height // patch_h * ratio), round(width // patch_w * ratio)))
+    if getattr(config, "image_grid_pinpoints", None) and inputs.get("image_sizes") is not None:
+        per_prompt = inputs.get("batch_num_images")
+        alone = [True] * len(inputs["image_sizes"])  # each image is its prompt's only one
+        if per_prompt is not None:
+            alone = [int(n) == 1 for n in per_prompt for _ in range(int(n))]
+        return anyres_grids(config, modality, inputs["image_sizes"].tolist(), alone)
+    merge = getattr(config, "spatial_merge_size", None)
+    if merge is not None and inputs.get("image_sizes") is not None:
+        step = _pair(vision.patch_size)[0] * merge
+        return per_image_grids(modality, [(h // step, w // step) for h, w in inputs["image_sizes"].tolist()])
+    tokens_per_image = getattr(config, "mm_tokens_per_image", None)
+    if tokens_per_image is not None:  # the vision tower's patches average-pooled to a square of this many tokens
+        side = math.isqrt(tokens_per_image)
+        return uniform_grids(modality, (side, side))
     pixels = inputs.get("pixel_values")
     patch = getattr(vision, "patch_size", None)
     if pixels is not None and pixels.dim() == 4 and patch:
-        return uniform_grids(modality, (pixels.shape[-2] // patch, pixels.shape[-1] // patch))
+        (patch_h, patch_w) = _pair(patch)
+        return uniform_grids(modality, (pixels.shape[-2] // patch_h, pixels.shape[-1] // patch_w))
     return None
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a size given as one int or two (vision configs write both)."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def anyres_grids(config: Any, modality: torch.Tensor, image_sizes: list[list[int]], alone: list[bool]) -> Grids:
+    """LLaVA-OneVision's grids (see the module docstring): image_sizes lists every image of the batch in prompt order
+    as its original (height, width), `alone` whether it is its prompt's only image (else: base view + a newline);
+    the base side s is image_size / patch_size."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    max_views = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_0")).removeprefix("anyres_max_"))
+    queue = list(zip(image_sizes, alone, strict=True))
+    grids: Grids = []
+    for row in modality:
+        row_grids = []
+        for start, end in visual_runs(row):
+            left = end - start
+            while left > 0:
+                if not queue:
+                    raise ValueError("the prompt has more image tokens than image sizes")
+                size, is_alone = queue.pop(0)
+                if not is_alone:
+                    row_grids += [(side, side), (1, 1)]
+                    left -= side * side + 1
+                    continue
+                rows, columns = _unpadded_grid(size, side, config.image_grid_pinpoints, vision.image_size)
+                ratio = math.sqrt(rows * columns / (max_views * side**2)) if max_views else 0.0
+                if ratio > 1.1:  # OneVision interpolates the patches down to about max_views base views
+                    rows, columns = int(rows // ratio), int(columns // ratio)
+                row_grids += [(side, side), (rows, columns + 1)]
+                left -= side * side + rows * (columns + 1)
+        grids.append(row_grids)
+    return grids
+
+
+def _unpadded_grid(size: tuple[int, int], side: int, pinpoints: list, tile: int) -> tuple[int, int]:
+    """(rows, columns) of an image's high-resolution patches: its best tiling among `pinpoints`, with the padding
+    that kept its aspect ratio removed (as transformers' LLaVA-NeXT / OneVision unpad them)."""
+    height, width = size
+    best_height, best_width = select_best_resolution((height, width), pinpoints)
+    rows, columns = side * (best_height // tile), side * (best_width // tile)
+    if width / height > columns / rows:
+        padding = (rows - int(round(height * (columns / width), 7))) // 2
+        return rows - 2 * padding, columns
+    padding = (columns - int(round(width * (rows / height), 7))) // 2
+    return rows, columns - 2 * padding
+
+
+def per_image_grids(modality: torch.Tensor, sizes: list[tuple[int, int]]) -> Grids:
+    """The grids of every image of the batch in prompt order, dealt to the rows by their visual-token counts."""
+    queue, grids = list(sizes), []
+    for count in (modality != TEXT).sum(-1).tolist():
+        row_grids = []
+        while count > 0:
+            if not queue:
+                raise ValueError("the prompt has more image tokens than image sizes")
+            row_grids.append(queue.pop(0))
+            count -= row_grids[-1][0] * row_grids[-1][1]
+        grids.append(row_grids)
+    return grids
 
 
 def uniform_grids(modality: torch.Tensor, grid: tuple[int, int]) -> Grids | None:

@@ -4,6 +4,9 @@ At prefill the cache hands a press one layer (`PrefillInputs`) and stores what i
 decoding the cache owns the step -- append, attention, memory read-out, eviction -- and shows the press only the
 layer's slots as pages (`DecodeView`): the press updates its running scores, scores the slots, and (for a press with
 a memory) absorbs the tokens that leave (`LeavingTokens`) and reads its memory back into the attention output.
+
+A sliding-window layer of a hybrid model (Gemma 3, gpt-oss) is not given to the press: its policy is `SlidingWindow`,
+transformers' own window.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from modalkv.storage import RaggedRows
 
@@ -23,7 +28,7 @@ class PrefillInputs:
     """One layer's prefill, as a press sees it. Queries and keys are rotated (RoPE applied)."""
 
     module: nn.Module  # the attention module (layer_idx, config, num_key_value_groups)
-    layer_idx: int
+    layer_idx: int  # depth among the layers the press compresses (the model's layer index if all use full attention)
     queries: torch.Tensor  # [B, H, S, D]
     keys: torch.Tensor  # [B, H_kv, S, D]
     values: torch.Tensor  # [B, H_kv, S, D]
@@ -32,9 +37,13 @@ class PrefillInputs:
     modality: torch.Tensor | None = None  # [B, S] long: TEXT, IMAGE or VIDEO per token (modality.py); None: text
     patches: torch.Tensor | None = None  # [B, S, 3] long: (image, row, column) of visual tokens, else -1; with modality
     state: dict = field(default_factory=dict)  # per cache, shared by its layers (budgets carried layer to layer)
+    num_compressed_layers: int | None = None  # layers the press compresses (hybrid models: the global ones)
 
     @property
     def num_layers(self) -> int:
+        """How many layers the press compresses: per-layer budget rules (PyramidKV, MadaKV) spread over these."""
+        if self.num_compressed_layers is not None:
+            return self.num_compressed_layers
         return self.module.config.num_hidden_layers
 
     @property
@@ -126,3 +135,56 @@ class Policy(Protocol):
     def absorb(self, view: DecodeView, tokens: LeavingTokens) -> None: ...
     def read_memory(self, view: DecodeView, queries: torch.Tensor, output: torch.Tensor, log_mass: torch.Tensor):
         """[R, G * q, D] the attention output with the memory read in."""
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """The policy of a sliding-window layer: what transformers' `DynamicSlidingWindowLayer` holds, the last `size - 1`
+    real tokens between forwards, so that a new token attends to them and itself (the last `size` columns, as the
+    sliding mask `kv_idx > q_idx - size` allows). Every decoding step each row over `size - 1` loses its oldest token.
+
+    Presses leave sliding layers to this window: the memory they hold is bounded by the window already.
+    """
+
+    size: int
+    evict_every: int = 1
+    needs_decode_attention = False
+    decode_fill = {}  # noqa: RUF012 (read only, as on a Press)
+
+    @property
+    def limit(self) -> int:
+        """Tokens a row holds between forwards."""
+        return self.size - 1
+
+    def select(self, inputs: PrefillInputs) -> Selection:
+        """The real tokens among the prompt's last `size - 1` columns (no host read: the width is known)."""
+        seq = inputs.is_real.shape[-1]
+        columns = torch.arange(seq, device=inputs.is_real.device)
+        keep = inputs.is_real & (columns >= seq - self.limit)  # [B, S]
+        width = min(seq, self.limit)
+        indices = torch.where(keep, columns, seq).sort(dim=-1).values[:, :width].clamp(max=seq - 1)
+        heads = inputs.num_kv_heads
+        return Selection(indices[:, None].expand(-1, heads, -1), keep.sum(-1)[:, None].expand(-1, heads))
+
+    def observe(self, view: DecodeView) -> None:
+        pass
+
+    def decode_scores(self, view: DecodeView) -> torch.Tensor:
+        """Newer tokens score higher: the oldest leaves."""
+        return view.slot("columns").float()
+
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer of a language model's config, its sliding window (None: full attention), read as transformers'
+    DynamicCache reads it. Raises ValueError for other kinds of layers (chunked, linear, shared KV, ...)."""
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise ValueError(
+            f"the model has {unsupported} layers; modalkv supports full-attention and sliding-window layers "
+            f"({', '.join(SUPPORTED_LAYER_TYPES)})"
+        )
+    return [kwargs.get("sliding_window") for kwargs in layer_kwargs]

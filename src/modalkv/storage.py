@@ -191,6 +191,17 @@ class RaggedRows:
         rows.unevicted = self.unevicted
         return rows
 
+    def keep_from_column(self, first_column: int) -> RaggedRows:
+        """New rows holding only the tokens at columns >= first_column: a sliding window after a forward of several
+        tokens drops all that left it at once (one host read) instead of one removal per token."""
+        padded = self.padded()
+        steps = torch.arange(padded["columns"].shape[1], device=self.row_lengths.device)
+        keep = (steps < self.lengths[:, None]) & (padded["columns"] >= first_column)  # [R, longest]
+        order = torch.where(keep, steps, steps.numel()).sort(dim=-1).values.clamp(max=steps.numel() - 1)
+        rows = torch.arange(self.num_rows, device=order.device)[:, None]
+        kept = {name: data[rows, order] for name, data in padded.items()}  # each row's kept tokens first
+        return RaggedRows.build(kept, keep.sum(-1), self.limits, self.reserve)
+
     # -- appending ----------------------------------------------------------------------------------------------
 
     def append(self, new: dict[str, torch.Tensor], start_column: int, fill: dict[str, float]) -> None:

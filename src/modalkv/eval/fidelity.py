@@ -102,6 +102,8 @@ class FidelityTask:
             prompt_tokens=self.context_tokens,
             cache_bytes=cache.cache_bytes(),
             full_cache_bytes=cache.full_cache_bytes(),
+            global_cache_bytes=cache.cache_bytes(include_sliding=False),
+            global_full_cache_bytes=cache.full_cache_bytes(include_sliding=False),
             prefill_seconds=prefill_seconds,
             decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
         )

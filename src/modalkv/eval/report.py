@@ -1,8 +1,9 @@
 """Summaries, figures and the results page, from a run folder's JSONL files alone (every rank's, merged).
 
 Rows are (method, budget) with `full` first; columns are the tasks (each MileBench dataset its own), the mean cache
-ratio, secondary metrics (fidelity's KL) and the average over accuracy-like tasks (present only when the row has
-all of them). Scores are shown x100, as MileBench and the KV-cache papers report them.
+ratio (and, for a model with sliding-window layers, the mean ratio over its global layers: "global"), secondary
+metrics (fidelity's KL) and the average over accuracy-like tasks (present only when the row has all of them). Scores
+are shown x100, as MileBench and the KV-cache papers report them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Row:
     counts: dict[str, int] = field(default_factory=dict)  # task -> examples
     metrics: dict[str, float] = field(default_factory=dict)  # "task metric" -> mean (e.g. "fidelity kl")
     cache_ratio: float | None = None
+    global_cache_ratio: float | None = None  # over the global layers (hybrid models), from records that have it
     average: float | None = None
 
 
@@ -60,6 +62,8 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
                     row.metrics[f"{task} {name}"] = statistics.mean(values)
         ratios = [r["cache_ratio"] for r in mine if r["cache_ratio"] is not None]
         row.cache_ratio = statistics.mean(ratios) if ratios else None
+        global_ratios = [r["global_cache_ratio"] for r in mine if r.get("global_cache_ratio") is not None]
+        row.global_cache_ratio = statistics.mean(global_ratios) if global_ratios else None
         if averaged and all(t in row.scores for t in averaged):
             row.average = statistics.mean(row.scores[t] for t in averaged)
         metric_names += [m for m in row.metrics if m not in metric_names]
@@ -79,12 +83,16 @@ def load_summary(run_dir: Path) -> Summary:
 def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary table as text (scores x100; a cell with fewer examples says how many)."""
     most = {t: max(row.counts.get(t, 0) for row in summary.rows) for t in summary.tasks}
-    header = ["method", "budget", "cache", *(f"{t} (n={most[t]})" for t in summary.tasks), *summary.metrics]
+    hybrid = any(row.global_cache_ratio not in (None, row.cache_ratio) for row in summary.rows)
+    ratios = ["cache", "global"] if hybrid else ["cache"]
+    header = ["method", "budget", *ratios, *(f"{t} (n={most[t]})" for t in summary.tasks), *summary.metrics]
     if summary.averaged:
         header.append("average")
     lines = []
     for row in summary.rows:
         cells = [row.method, f"{row.budget:g}", "-" if row.cache_ratio is None else f"{row.cache_ratio:.3f}"]
+        if hybrid:
+            cells.append("-" if row.global_cache_ratio is None else f"{row.global_cache_ratio:.3f}")
         for task in summary.tasks:
             if task not in row.scores:
                 cells.append("-")
@@ -257,8 +265,10 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
     lines += [
         "Scores x100 (passkey: exact key; MileBench: each dataset's own metric; fidelity: top-1 agreement with the "
         "full cache, with its KL in nats/token; synthetic: the right option ranked first by likelihood, chance 1/4 "
-        "with the default 4 options, with its margin in nats). `cache`: kept KV bytes / uncompressed KV bytes. A "
-        "cell with fewer examples than its column says how many.",
+        "with the default 4 options, with its margin in nats). `cache`: kept KV bytes / uncompressed KV bytes (what "
+        "transformers' own cache holds: its sliding-window layers keep their window); `global`, for a model with "
+        "sliding-window layers: the same over its global layers, where the budget applies. A cell with fewer "
+        "examples than its column says how many.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -127,6 +127,9 @@ def evaluate(model: Any, processor: Any, item: WorkItem, rank: int) -> dict:
         "cache_bytes": outcome.cache_bytes,
         "full_cache_bytes": outcome.full_cache_bytes,
         "cache_ratio": outcome.cache_bytes / outcome.full_cache_bytes if outcome.full_cache_bytes else None,
+        "global_cache_ratio": (  # hybrid models: the global layers only, where the budget applies
+            outcome.global_cache_bytes / outcome.global_full_cache_bytes if outcome.global_full_cache_bytes else None
+        ),
         "prefill_seconds": outcome.prefill_seconds,
         "decode_ms_per_token": outcome.decode_ms_per_token,
         "seconds": time.perf_counter() - start,

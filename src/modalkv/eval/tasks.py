@@ -64,6 +64,8 @@ class Outcome:
     full_cache_bytes: int
     prefill_seconds: float
     decode_ms_per_token: float | None
+    global_cache_bytes: int | None = None  # the layers the press compresses (hybrid models: the global ones)
+    global_full_cache_bytes: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # secondary numbers (e.g. fidelity's KL)
     image_input: str = "none"  # "none", "processor" or "stand-in" (text-only model: images replaced by IMAGE_STANDIN)
 
@@ -101,6 +103,8 @@ class GenerationTask:
             prompt_tokens=result.prompt_tokens,
             cache_bytes=result.cache_bytes,
             full_cache_bytes=result.full_cache_bytes,
+            global_cache_bytes=result.global_cache_bytes,
+            global_full_cache_bytes=result.global_full_cache_bytes,
             prefill_seconds=result.prefill_seconds,
             decode_ms_per_token=result.decode_ms_per_token,
             image_input=image_input,

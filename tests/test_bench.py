@@ -104,6 +104,13 @@ def test_bench_cli_writes_json_and_refuses_contexts_past_the_model(tmp_path):
     assert_fails(invoke("bench", "--context", "9000", "--out", tmp_path), "handles at most 8192 positions")
     assert_fails(invoke("bench", "--methods", "nope", "--out", tmp_path), "unknown method 'nope'")
     assert_fails(invoke("bench", "--methods", "snapkv", "-p", "theta=0.5", "--out", tmp_path), "parameter(s) theta")
+    # A ragged batch of the real model's passkey prompts: 300 and 150 tokens, left-padded.
+    result = invoke("bench", "--context", "300", "--decode-tokens", "3", "--batch", "2", "--ragged", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {(row["batch"], row["prompt_tokens"]) for row in rows} == {(2, 450)}
+    snapkv = next(row for row in rows if row["method"] == "snapkv")
+    assert snapkv["bytes_per_sequence_prefill"] == pytest.approx((60 + 30) / 2 * 46080, rel=0.02)  # 20% of each
 
 
 @pytest.mark.slow

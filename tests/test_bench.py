@@ -238,3 +238,16 @@ def test_bench_cli_batches_ragged_and_capacity_rows(model, monkeypatch, tmp_path
         assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
     assert_fails(invoke(*args, "--batch", "0", "--out", tmp_path), "--batch takes positive batch sizes")
     assert_fails(invoke(*args, "--ragged", "--compile", "--out", tmp_path), "--ragged with --compile is not supported")
+
+
+def test_the_baseline_of_a_hybrid_model_is_transformers_own_cache():
+    """Gemma 3's sliding layers keep only their window in transformers' cache: so does the benchmark's baseline, and
+    a compressed cache's uncompressed figure is that same number."""
+    from test_hybrid import WINDOW, build
+
+    model = build("gemma3_text")  # 2 sliding + 2 global layers, 2 KV heads of 16 dims
+    per_token = 2 * 2 * 16 * 4  # KV heads x (K + V) x D x fp32
+    baseline = measure(model, None, prompt_of_length(40), decode_tokens=3)
+    assert baseline.cache_bytes == (2 * (40 + 3) + 2 * (WINDOW - 1)) * per_token
+    run = measure(model, get_press("snapkv", budget=0.5, window_size=4), prompt_of_length(40), decode_tokens=3)
+    assert run.full_cache_bytes == baseline.cache_bytes

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import METHODS
 from transformers import (
     DynamicCache,
     Gemma3ForCausalLM,
@@ -25,7 +26,6 @@ from transformers import (
 from modalkv import CompressedCache, get_press
 from modalkv.compat import CACHE_KWARG
 from modalkv.modality import IMAGE
-from modalkv.presses import PRESSES
 from modalkv.profiling import DispatchCounter
 
 WINDOW = 8
@@ -42,7 +42,6 @@ TINY = dict(
     eos_token_id=None,  # no early stop
 )
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-METHODS = [*PRESSES, "adakv:snapkv"]
 
 
 def build(name: str):

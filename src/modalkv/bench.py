@@ -144,7 +144,7 @@ def make_cache(model: PreTrainedModel, press: Press | None, prompt_tokens: int, 
         return compiled_cache(press, new_tokens) if compile else CompressedCache(press)
     if compile:
         return StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens)
-    return DynamicCache()
+    return DynamicCache(config=model.config)  # sliding-window layers keep only their window, as transformers does
 
 
 def cell_name(press: Press | None, compile: bool) -> str:
@@ -181,7 +181,7 @@ def decode_dispatch(
     alone is not enough: the press routes the model's attention). `.ops_per_layer_step` and `.syncs_per_step` are
     the headline figures; `.report` says which ops dominate and where the syncs come from.
     """
-    cache = DynamicCache() if press is None else CompressedCache(press)
+    cache = DynamicCache(config=model.config) if press is None else CompressedCache(press)
     layers = model.config.get_text_config().num_hidden_layers
     with contextlib.nullcontext() if press is None else press.attach(model):
         return count_decode(Decoder.prefill(model, Prompts(prompt), cache), layers, steps, warmup)

@@ -1,5 +1,6 @@
-"""What the command lines share (`modalkv.cli`, `modalkv.bench_cli` and `modalkv.eval.cli`): the stderr console, the parsing of budgets
-and method parameters, and the error exit. It imports no other modalkv module, so both can build on it."""
+"""What the command lines share (`modalkv.cli`, `modalkv.bench_cli` and `modalkv.eval.cli`): the stderr console, the
+parsing of budgets and method parameters, and the error exit. It imports no other modalkv module, so all can build on
+it."""
 
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ from modalkv.presses.scoring import sink_tokens
 def rotary_tables(config, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [..., head_dim] of the model's RoPE (transformers' rotate-half layout, attention scaling included) at
     `positions` [...], from its config as its rotary embedding computes them."""
-    params = config.rope_parameters
+    params, layer_type = config.rope_parameters, None
+    if "full_attention" in params:  # RoPE per layer type (Gemma 3): presses compress the full-attention layers
+        layer_type, params = "full_attention", params["full_attention"]
     if "mrope_section" in params:
         raise ValueError("expected_attention needs 1-D rotary positions; a 3-D (multimodal) RoPE is not supported")
     rope_type = params.get("rope_type", "default")
@@ -18,7 +20,7 @@ def rotary_tables(config, positions: torch.Tensor, head_dim: int) -> tuple[torch
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
         inv_freq, scaling = 1.0 / params["rope_theta"] ** exponents, 1.0
     else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, positions.device)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, positions.device, layer_type=layer_type)
     if 2 * inv_freq.numel() != head_dim:
         raise ValueError("expected_attention needs RoPE over the whole head (no partial rotary factor)")
     angles = positions[..., None].float() * inv_freq.to(positions.device)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from helpers import METHODS
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modalkv import PRESSES, get_press
+from modalkv import get_press
 from modalkv.peak_memory import capacity, largest_batch, measure_in_subprocess
 
 
@@ -28,16 +29,17 @@ def test_largest_batch_fits_and_the_next_does_not(peak_of, limit, expected):
     assert len(trials) <= 12
 
 
-@pytest.mark.parametrize("method", sorted(PRESSES))
+# Every method but kvzip (its repetition request needs a real tokenizer; test_kvzip.py).
+@pytest.mark.parametrize("method", [method for method in METHODS if method != "kvzip"])
 def test_every_method_decodes_a_serving_batch_of_repeated_rows(model, method):
-    """The serving trial's cache: prefilled rows repeated to a larger batch, then decoding (batch_select_indices)."""
+    """The serving trial's cache: prefilled rows repeated to a larger batch, then decoding (batch_select_indices).
+    Its peak is not asserted here: in a long-lived process (pytest) freed memory blurs it, hence fresh processes."""
     from modalkv.peak_memory import serving_peak
 
     press = get_press(method, budget=1.0 if method == "full" else 0.5)
     prompts = torch.randint(3, 128, (3, 48), generator=torch.Generator().manual_seed(0))
     measured = serving_peak(model, press, prompts, batch=5, decode_tokens=3)
-    assert measured.batch == 5 and measured.tokens_per_second > 0 and measured.peak_bytes > 0
-    assert measured.cache_bytes > 0
+    assert measured.batch == 5 and measured.tokens_per_second > 0 and measured.cache_bytes > 0
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def decode_dispatch(
     alone is not enough: the press routes the model's attention). `.ops_per_layer_step` and `.syncs_per_step` are
     the headline figures; `.report` says which ops dominate and where the syncs come from.
     """
-    cache = DynamicCache(config=model.config) if press is None else CompressedCache(press)
+    cache = make_cache(model, press, prompt.shape[1], steps + warmup, compile=False)
     layers = model.config.get_text_config().num_hidden_layers
     with contextlib.nullcontext() if press is None else press.attach(model):
         return count_decode(Decoder.prefill(model, Prompts(prompt), cache), layers, steps, warmup)

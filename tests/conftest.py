@@ -30,3 +30,37 @@ def model() -> LlamaForCausalLM:
 @pytest.fixture
 def prompt() -> torch.Tensor:
     return torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(1))
+
+
+def synthetic_statistics(config, path=None):
+    """Head statistics for any model a test attaches a calibrated press to, unless the test names a file: a few
+    strong visual heads and spread redundancies, drawn from the model's shape. Invariant tests (budget 1.0 equals
+    uncompressed, batched equals one by one, decoding after eviction equals a cache of the kept tokens) hold whatever
+    the statistics; what the statistics themselves mean is tested with real calibrations (test_calibrate.py)."""
+    from modalkv.head_statistics import HeadStatistics, load_statistics
+
+    if path:  # a file the test wrote; the user's own calibrations (cache_dir) are never read by tests
+        return load_statistics(config, path)
+    text = config.get_text_config()
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    generator = torch.Generator().manual_seed(layers * 1000 + heads * 10 + kv_heads)
+    visual = torch.rand(layers, heads, generator=generator) ** 8  # a few heads dominate, as in SparseMM's models
+    return HeadStatistics(
+        model="synthetic",
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        redundancy=torch.rand(layers, kv_heads, generator=generator).tolist(),
+        visual=visual.tolist(),
+        examples=0,
+        source="tests/conftest.py synthetic_statistics",
+    )
+
+
+@pytest.fixture(autouse=True)
+def head_statistics_for_every_model(request, monkeypatch):
+    """SparseMM and MixKV read per-model head statistics; tiny random models get synthetic ones (see above). Tests
+    marked `real_calibration` see the library's own loading (and its errors)."""
+    if request.node.get_closest_marker("real_calibration") is None:
+        monkeypatch.setattr("modalkv.presses.base.load_statistics", synthetic_statistics)

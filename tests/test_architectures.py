@@ -55,7 +55,9 @@ def generate(model, inputs: dict, method: str | None, budget: float = 1.0, token
     if method is None:
         plain = {k: v for k, v in inputs.items() if k not in ("modality", "patches")}
         return model.generate(**plain, **settings)
-    return get_press(method, budget=budget, **params).generate(model, **inputs, **settings)
+    cache = inputs.get("past_key_values")
+    press = cache.press if cache is not None else get_press(method, budget=budget, **params)  # the cache's own
+    return press.generate(model, **inputs, **settings)
 
 
 def test_every_method_keeping_everything_equals_uncompressed_generation(arch):

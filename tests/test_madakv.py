@@ -8,7 +8,8 @@ from prefill import kept_sets, make_inputs
 
 from modalkv import CompressedCache, get_press
 from modalkv.modality import IMAGE
-from modalkv.presses.madakv import MadaKVPress, coverage, share
+from modalkv.presses.madakv import MadaKVPress, coverage
+from modalkv.presses.scoring import share
 
 
 class FixedImportance(MadaKVPress):

@@ -23,7 +23,7 @@ from modalkv.compat import CACHE_KWARG
 from modalkv.eval.cli import eval_command, report_command
 from modalkv.generation import encode_prompt, generate_timed
 from modalkv.modality import modality_from_input_ids
-from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
+from modalkv.models import DEFAULT_MODEL, MINI_VLM, load_model, parse_dtype
 from modalkv.multimodal import encode_multimodal, is_processor
 from modalkv.presses import PRESSES, WRAPPERS, Press, get_press
 
@@ -290,12 +290,12 @@ def methods() -> None:
         params = [
             f"{f.name}={f.default}"
             for f in dataclasses.fields(press)
-            if f.name != "budget" and (f.name != "evict_every" or evicts_while_decoding)
+            if f.init and f.name != "budget" and (f.name != "evict_every" or evicts_while_decoding)
         ]
         summary = (press.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, summary, ", ".join(params))
     for name, press in WRAPPERS.items():
-        own = [f for f in dataclasses.fields(press) if f.name not in ("budget", "evict_every", "press")]
+        own = [f for f in dataclasses.fields(press) if f.init and f.name not in ("budget", "evict_every", "press")]
         summary = (press.__doc__ or "").strip().splitlines()[0]
         table.add_row(f"{name}:<method>", summary, ", ".join(f"{f.name}={f.default}" for f in own))
     Console(width=160).print(table)
@@ -348,6 +348,45 @@ def demo(
                 f"{statistics.median(r.decode_ms_per_token for r in results):.1f}",
             )
     Console(width=140).print(table)
+
+
+@app.command()
+def calibrate(
+    model: ModelOption = MINI_VLM,
+    examples: Annotated[int, typer.Option(help="prompts to average over")] = 64,
+    pictures: Annotated[int, typer.Option(help="pictures per prompt (vision-language models)")] = 8,
+    tokens: Annotated[int, typer.Option(help="tokens per prompt (text-only models)")] = 1024,
+    seed: Annotated[int, typer.Option(help="seed of the calibration prompts")] = 0,
+    out: Annotated[Path | None, typer.Option(help="JSON file to write (default: where the methods look)")] = None,
+) -> None:
+    """Measure a model's head statistics once (visual heads for SparseMM, key redundancy for MixKV)."""
+    from modalkv.calibrate import calibrate as measure
+    from modalkv.head_statistics import statistics_path
+
+    if examples < 1 or pictures < 1 or tokens < 16:
+        raise fail(ValueError("examples and pictures must be >= 1 and tokens >= 16"))
+    try:
+        with console.status(f"loading {model}"):
+            lm, processor = load_model(model)
+    except ValueError as error:
+        raise fail(error) from error
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"calibrating {model}", total=examples)
+        statistics = measure(lm, processor, examples, pictures, tokens, seed, lambda _: progress.advance(task))
+    path = statistics.save(out or statistics_path(lm.config))
+    table = Table(title=f"head statistics of {statistics.model}: {statistics.source}")
+    for column in ("layer", "key redundancy per KV head", "visual score: top query heads"):
+        table.add_column(column)
+    for layer, redundancy in enumerate(statistics.redundancy):
+        visual = statistics.visual[layer] if statistics.visual is not None else []
+        top = sorted(range(len(visual)), key=visual.__getitem__, reverse=True)[:3]
+        table.add_row(
+            str(layer),
+            " ".join(f"{r:.2f}" for r in redundancy),
+            " ".join(f"h{h}={visual[h]:.3f}" for h in top if visual[h] > 0) or "-",
+        )
+    Console(width=140).print(table)
+    console.print(f"wrote {path}")
 
 
 app.command("bench")(bench_command)

@@ -13,10 +13,12 @@ from modalkv.presses.knorm import KnormPress
 from modalkv.presses.kvzip import KVzipPress
 from modalkv.presses.lookm import LookMPress
 from modalkv.presses.madakv import MadaKVPress
+from modalkv.presses.mixkv import MixKVPress
 from modalkv.presses.pyramidkv import PyramidKVPress
 from modalkv.presses.random_press import RandomPress
 from modalkv.presses.retentivekv import RetentiveKVPress
 from modalkv.presses.snapkv import SnapKVPress
+from modalkv.presses.sparsemm import SparseMMPress
 from modalkv.presses.streaming_llm import StreamingLLMPress
 from modalkv.presses.tova import TOVAPress
 
@@ -37,27 +39,34 @@ PRESSES: dict[str, type[Press]] = {
         KeyDiffPress,
         ExpectedAttentionPress,
         KVzipPress,
+        MixKVPress,
     )
 }
 # Presses that wrap a scoring press, named `<wrapper>:<press>` (`<wrapper>` alone wraps SnapKV).
-WRAPPERS: dict[str, type[Press]] = {press.name: press for press in (AdaKVPress, ChunkKVPress)}
-# Every method by name, for grids over all of them: each press, and each wrapper around SnapKV.
-METHODS: list[str] = [*PRESSES, *(f"{wrapper}:snapkv" for wrapper in WRAPPERS)]
+WRAPPERS: dict[str, type[Press]] = {press.name: press for press in (AdaKVPress, ChunkKVPress, SparseMMPress)}
+# Every method by name, for grids over all of them: each press, each wrapper around SnapKV, and MixKV on SparseMM's
+# budgets (the MixKV paper's own pairing).
+METHODS: list[str] = [*PRESSES, *(f"{wrapper}:snapkv" for wrapper in WRAPPERS), "sparsemm:mixkv"]
 
 
 def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
     """Builds the press registered as `name` (see `PRESSES`), e.g. `get_press("snapkv", budget=0.2)`.
 
-    `<wrapper>:<name>` (a name of `WRAPPERS`: `adakv`, `chunkkv`) wraps a scoring press (the wrapper alone wraps
-    SnapKV); parameters go to the wrapper if they are its own (`alpha_safeguard`, `chunk_length`), else to the inner
-    press.
+    `<wrapper>:<name>` (a name of `WRAPPERS`: `adakv`, `chunkkv`, `sparsemm`) wraps a scoring press (the wrapper
+    alone wraps SnapKV); parameters go to the wrapper if they are its own (`alpha_safeguard`, `chunk_length`,
+    `ratio`), else to the inner press (`calibration` to both); the wrapper's `inner_defaults` (SparseMM's 32-token
+    window) apply to the inner press where it has them and they are not given.
     """
     wrapper, _, inner = name.partition(":")
     if wrapper in WRAPPERS:
         press = WRAPPERS[wrapper]
-        own_names = {f.name for f in fields(press)} - {f.name for f in fields(Press)} - {"press"}
-        own = {key: params.pop(key) for key in own_names if key in params}
-        return press(budget=budget, press=get_press(inner or "snapkv", budget=budget, **params), **own)
+        inner = inner or "snapkv"
+        inner_names = {f.name for f in fields(PRESSES[inner])} if inner in PRESSES else set()
+        own_names = {f.name for f in fields(press) if f.init} - {f.name for f in fields(Press)} - {"press"}
+        own = {key: params[key] for key in own_names if key in params}
+        defaults = {k: v for k, v in getattr(press, "inner_defaults", {}).items() if k in inner_names}
+        inner_params = defaults | {k: v for k, v in params.items() if k not in own or k in inner_names}
+        return press(budget=budget, press=get_press(inner, budget=budget, **inner_params), **own)
     if name not in PRESSES:
         wrappers = ", ".join(f"{w}:<method>" for w in WRAPPERS)
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESSES))}, {wrappers}")
@@ -78,12 +87,14 @@ __all__ = [
     "KnormPress",
     "LookMPress",
     "MadaKVPress",
+    "MixKVPress",
     "PrefillInputs",
     "Press",
     "PyramidKVPress",
     "RandomPress",
     "RetentiveKVPress",
     "SnapKVPress",
+    "SparseMMPress",
     "StreamingLLMPress",
     "TOVAPress",
     "get_press",

@@ -1,6 +1,8 @@
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
 
 from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
 from modalkv.presses.scoring import keeps_everything
@@ -31,6 +33,9 @@ class AdaKVPress(Press):
             raise ValueError(f"adakv needs a scoring press inside, got {type(self.press).__name__}")
         if self.press.evict_every:
             raise ValueError("adakv keeps the head budgets it chose at prefill: no decode-time eviction inside it")
+
+    def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
+        return self.press.using(model)
 
     def label(self) -> str:
         return f"adakv:{self.press.label()}" + (

@@ -7,17 +7,19 @@ tokens and padding, and does the top-k.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, get_type_hints
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from modalkv import api
+from modalkv.head_statistics import CalibrationError, HeadStatistics, load_statistics
 from modalkv.policy import DecodeView, LeavingTokens, PrefillInputs, Selection
 
-__all__ = ["DecodeView", "LeavingTokens", "PrefillInputs", "Press", "Selection"]
+__all__ = ["CalibratedPress", "DecodeView", "LeavingTokens", "PrefillInputs", "Press", "Selection"]
 
 
 def selection_from_mask(keep: torch.Tensor) -> Selection:
@@ -80,7 +82,7 @@ class Press:
         changed = [
             f"{f.name}={getattr(self, f.name)}"
             for f in fields(self)
-            if f.name != "budget" and getattr(self, f.name) != f.default
+            if f.init and f.name != "budget" and getattr(self, f.name) != f.default
         ]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
 
@@ -140,10 +142,15 @@ class Press:
         indices = top.masked_fill(beyond, seq).sort(dim=-1).values.clamp(max=seq - 1)
         return Selection(indices, kept, {} if running is None else {"scores": running})
 
+    def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
+        """What the press needs from `model` while attached, entered by `attach` and `generate` for their block
+        (KVzip's reconstruction pass, SparseMM's head statistics). Default: nothing."""
+        return nullcontext()
+
     def attach(self, model: PreTrainedModel) -> AbstractContextManager[PreTrainedModel]:
         """Routes `model`'s attention through modalkv for the duration of a `with` block (restored afterwards).
         Only a `CompressedCache` is compressed; any other cache (or none) gets plain sdpa attention."""
-        return api.attach(self, model)
+        return _attached(self, model)
 
     def generate(
         self,
@@ -158,4 +165,44 @@ class Press:
         model's image/video token ids, if any); `patches`: its patch map (default: inferred from the modality map, see
         modality.py). `compile`: decode with a torch.compile'd forward (CUDA graphs on a GPU; the first steps pay
         the compilation). Returns what `generate` returns."""
-        return api.generate(self, model, modality, patches, compile, **kwargs)
+        with self.using(model):
+            return api.generate(self, model, modality, patches, compile, **kwargs)
+
+
+@contextmanager
+def _attached(press: Press, model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    with api.attach(press, model), press.using(model):
+        yield model
+
+
+@dataclass
+class CalibratedPress(Press):
+    """A press that reads the model's head statistics (`modalkv.head_statistics`, made by `modalkv calibrate`).
+
+    They are read from `calibration` (a JSON file; default: the model's own place) the first time a prefill needs
+    them while the press is attached (`attach` / `generate`); a budget that keeps everything never reads them.
+    """
+
+    calibration: str = ""
+    _config: PretrainedConfig | None = field(default=None, init=False, repr=False, compare=False)
+    _statistics: HeadStatistics | None = field(default=None, init=False, repr=False, compare=False)
+
+    @contextmanager
+    def using(self, model: PreTrainedModel) -> Iterator[None]:
+        previous = self._config, self._statistics
+        self._config, self._statistics = model.config, None
+        try:
+            yield
+        finally:
+            self._config, self._statistics = previous
+
+    def statistics(self) -> HeadStatistics:
+        """The attached model's head statistics; CalibrationError naming the command when there are none."""
+        if self._statistics is None:
+            if self._config is None:
+                raise CalibrationError(
+                    f"{self.name} reads the model's head statistics, and this press is not attached to a model: use "
+                    "press.generate(model, ...) or `with press.attach(model):` with the press the cache was made with"
+                )
+            self._statistics = load_statistics(self._config, self.calibration or None)
+        return self._statistics

@@ -1,6 +1,8 @@
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
 
 from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
 from modalkv.presses.scoring import keeps_everything, top_within
@@ -34,6 +36,9 @@ class ChunkKVPress(Press):
             raise ValueError(f"chunkkv needs a scoring press inside, got {type(self.press).__name__}")
         if self.press.evict_every:
             raise ValueError("chunkkv keeps the chunks it chose at prefill: no decode-time eviction inside it")
+
+    def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
+        return self.press.using(model)
 
     def label(self) -> str:
         return f"chunkkv:{self.press.label()}" + f"(chunk_length={self.chunk_length})" * (self.chunk_length != 20)

@@ -6,14 +6,15 @@ Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruct
 How it fits the engine: the engine compresses each layer inside the prefill, but a token's KVzip score needs the
 attention of *later* tokens (the repetition) at every layer, so the scores come first, from a reconstruction pass
 (`reconstruction.py`), and the prefill then keeps what they choose. The pass runs from a forward pre-hook that
-`attach()` and `generate()` install on the model for their block: when a forward starts a prefill on a
+`using()` installs on the model for the block of `attach()` and `generate()`: when a forward starts a prefill on a
 `CompressedCache` of this press, the hook scores the prompt and leaves the scores in the cache's press state.
 """
 
 from __future__ import annotations
 
 import functools
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,27 +60,8 @@ class KVzipPress(Press):
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
-    def attach(self, model: PreTrainedModel) -> AbstractContextManager[PreTrainedModel]:
-        return self._attached(model)
-
     @contextmanager
-    def _attached(self, model: PreTrainedModel):
-        with super().attach(model), self.reconstructing(model):
-            yield model
-
-    def generate(
-        self,
-        model: PreTrainedModel,
-        modality: torch.Tensor | None = None,
-        patches: torch.Tensor | None = None,
-        compile: bool = False,
-        **kwargs,
-    ) -> torch.Tensor:
-        with self.reconstructing(model):
-            return super().generate(model, modality, patches, compile, **kwargs)
-
-    @contextmanager
-    def reconstructing(self, model: PreTrainedModel):
+    def using(self, model: PreTrainedModel) -> Iterator[None]:
         """Runs the reconstruction pass before every prefill of a cache of this press, within the block."""
         handle = model.register_forward_pre_hook(functools.partial(self._before_forward, model), with_kwargs=True)
         try:

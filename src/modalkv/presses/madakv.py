@@ -4,28 +4,14 @@ import torch
 
 from modalkv.modality import TEXT
 from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
-from modalkv.presses.scoring import check_window, keeps_everything, recent_window, top_within, window_attention
-
-
-def share(total: torch.Tensor, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-    """Splits integer `total` [...] into parts [..., k] proportional to `weights`, each at most `capacity`, summing
-    exactly to `total` (which must not exceed capacity.sum(-1)): capped parts are fixed and the rest re-split, then
-    floors plus largest remainders."""
-    weights = weights.double().clamp(min=0) + 1e-9  # a part with zero weight still takes what others cannot
-    fixed = torch.zeros_like(capacity, dtype=torch.bool)
-    for _ in range(capacity.shape[-1]):
-        free = (total - (capacity * fixed).sum(-1)).double()
-        open_weights = torch.where(fixed, 0.0, weights)
-        ideal = torch.where(fixed, capacity.double(), free[..., None] * open_weights / open_weights.sum(-1, True))
-        over = ~fixed & (ideal > capacity)
-        if not bool(over.any()):
-            break
-        fixed |= over
-    part = ideal.floor().long().minimum(capacity)
-    short = total - part.sum(-1)
-    remainder = torch.where(part < capacity, ideal - part, -1.0)
-    rank = remainder.argsort(dim=-1, descending=True).argsort(dim=-1)
-    return part + (rank < short[..., None]).long()
+from modalkv.presses.scoring import (
+    check_window,
+    keeps_everything,
+    recent_window,
+    share,
+    top_within,
+    window_attention,
+)
 
 
 def coverage(psi: torch.Tensor, members: torch.Tensor, theta: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ throughout: a KV head's score averages (or stacks) the query heads of its group.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from modalkv.policy import DecodeView, PrefillInputs
 from modalkv.presses.base import tokens_for_budget
@@ -65,6 +66,22 @@ def window_attention(inputs: PrefillInputs, window_size: int) -> torch.Tensor:
     return window_logits(inputs, window_size).softmax(dim=-1).nan_to_num_(0.0)
 
 
+def pooled_window_attention(inputs: PrefillInputs, window_size: int, kernel_size: int, pooling: str) -> torch.Tensor:
+    """SnapKV's score [B, H_kv, S] float32: the last `window_size` queries' attention to each key before the window,
+    averaged over them and the KV group's query heads, then pooled over neighbouring keys (`pooling` "avg" or "max",
+    odd `kernel_size`) within that prefix only, as kvpress does; the window's own tokens score 0."""
+    batch, kv_heads, seq, _ = inputs.keys.shape
+    prefix = max(seq - window_size, 0)
+    if prefix == 0:  # the whole prompt is the window
+        return inputs.keys.new_zeros(batch, kv_heads, seq, dtype=torch.float32)
+    attention = window_attention(inputs, window_size)[..., :prefix]  # [B, H_kv, G * w, prefix]
+    groups = inputs.queries.shape[1] // kv_heads
+    scores = attention.view(batch, kv_heads, groups, -1, prefix).mean(dim=(2, 3))
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    scores = pool(scores, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    return F.pad(scores, (0, seq - prefix))
+
+
 def accumulated_attention(inputs: PrefillInputs) -> torch.Tensor:
     """[B, H_kv, S] attention each key receives, summed over all (real) prompt queries and averaged over the query
     heads of its KV group. Computed in chunks of queries: memory O(chunk * S), not O(S^2)."""
@@ -94,6 +111,27 @@ def top_within(scores: torch.Tensor, members: torch.Tensor, counts: torch.Tensor
         top = top.masked_fill(torch.arange(top.shape[-1], device=top.device) >= counts[..., None], seq)
         keep.scatter_(-1, top, True)
     return keep[..., :seq]
+
+
+def share(total: torch.Tensor, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Splits integer `total` [...] into parts [..., k] proportional to `weights`, each at most `capacity`, summing
+    exactly to `total` (which must not exceed capacity.sum(-1)): capped parts are fixed and the rest re-split, then
+    floors plus largest remainders."""
+    weights = weights.double().clamp(min=0) + 1e-9  # a part with zero weight still takes what others cannot
+    fixed = torch.zeros_like(capacity, dtype=torch.bool)
+    for _ in range(capacity.shape[-1]):
+        free = (total - (capacity * fixed).sum(-1)).double()
+        open_weights = torch.where(fixed, 0.0, weights)
+        ideal = torch.where(fixed, capacity.double(), free[..., None] * open_weights / open_weights.sum(-1, True))
+        over = ~fixed & (ideal > capacity)
+        if not bool(over.any()):
+            break
+        fixed |= over
+    part = ideal.floor().long().minimum(capacity)
+    short = total - part.sum(-1)
+    remainder = torch.where(part < capacity, ideal - part, -1.0)
+    rank = remainder.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return part + (rank < short[..., None]).long()
 
 
 def add_decode_attention(view: DecodeView) -> None:

@@ -1,10 +1,15 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection
-from modalkv.presses.scoring import add_decode_attention, check_window, decode_recent, recent_window, window_attention
+from modalkv.presses.scoring import (
+    add_decode_attention,
+    check_window,
+    decode_recent,
+    pooled_window_attention,
+    recent_window,
+)
 
 
 @dataclass
@@ -36,17 +41,7 @@ class SnapKVPress(Press):
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
 
     def score(self, inputs: PrefillInputs) -> torch.Tensor:
-        batch, kv_heads, seq, _ = inputs.keys.shape
-        prefix = max(seq - self.window_size, 0)
-        if prefix == 0:  # the whole prompt is the window
-            return inputs.keys.new_zeros(batch, kv_heads, seq, dtype=torch.float32)
-        attention = window_attention(inputs, self.window_size)[..., :prefix]  # [B, H_kv, G * w, prefix]
-        groups = inputs.queries.shape[1] // kv_heads
-        # Mean over the window's queries and the group's heads; pooled over the prefix only, as kvpress does.
-        scores = attention.view(batch, kv_heads, groups, -1, prefix).mean(dim=(2, 3))
-        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
-        scores = pool(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
-        return F.pad(scores, (0, seq - prefix))  # the window's own score is irrelevant: it is always kept
+        return pooled_window_attention(inputs, self.window_size, self.kernel_size, self.pooling)
 
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor:
         return recent_window(inputs.is_real, self.window_size)

@@ -111,7 +111,7 @@ def test_mixkv_is_importance_for_unredundant_heads_and_diversity_for_redundant_o
         # r = 0: attention plus the value norm on the attention's scale, so the largest value norm adds the most
         extra = none[0, head] - attention[head]
         assert torch.corrcoef(torch.stack([extra[scored], norms[scored]]))[0, 1] > 0.999
-        assert extra[scored].mean() == pytest.approx(attention[head][scored].mean(), rel=1e-4)
+        assert float(extra[scored].mean()) == pytest.approx(float(attention[head][scored].mean()), rel=1e-4)
         # r = 1: diversity alone, largest for the key least like the mean key
         diversity = full[0, head][scored]
         assert int(diversity.argmax()) == int(similarity[head, :, 0][scored].argmin())

@@ -37,13 +37,11 @@ def synthetic_statistics(config, path=None):
     strong visual heads and spread redundancies, drawn from the model's shape. Invariant tests (budget 1.0 equals
     uncompressed, batched equals one by one, decoding after eviction equals a cache of the kept tokens) hold whatever
     the statistics; what the statistics themselves mean is tested with real calibrations (test_calibrate.py)."""
-    from modalkv.head_statistics import HeadStatistics, load_statistics
+    from modalkv.head_statistics import HeadStatistics, head_shape, load_statistics
 
     if path:  # a file the test wrote; the user's own calibrations (cache_dir) are never read by tests
         return load_statistics(config, path)
-    text = config.get_text_config()
-    layers, heads = text.num_hidden_layers, text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    layers, heads, kv_heads = head_shape(config)
     generator = torch.Generator().manual_seed(layers * 1000 + heads * 10 + kv_heads)
     visual = torch.rand(layers, heads, generator=generator) ** 8  # a few heads dominate, as in SparseMM's models
     return HeadStatistics(

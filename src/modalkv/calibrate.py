@@ -32,7 +32,7 @@ from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.eval.synthetic import ANSWER_PREFIX, ANSWERS, CONFUSED, QUESTION, region, variant
 from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, encode_example, tokenizer_of
-from modalkv.head_statistics import HeadStatistics, model_key
+from modalkv.head_statistics import HeadStatistics, head_shape, model_key
 from modalkv.modality import TEXT, infer_patches
 from modalkv.multimodal import is_processor
 from modalkv.presses.base import PrefillInputs, Press, Selection
@@ -126,9 +126,7 @@ def calibrate(
     when `processor` is a vision-language processor, else passkey-style text of `tokens` tokens."""
     from modalkv.eval.passkey import passkey_example
 
-    config = model.config.get_text_config()
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layers, heads, kv_heads = head_shape(model.config)
     with_pictures = is_processor(processor)
     tokenizer = tokenizer_of(processor)
     visual, redundancy = torch.zeros(layers, heads), torch.zeros(layers, kv_heads)
@@ -141,12 +139,12 @@ def calibrate(
             patches = infer_patches(modality) if patches is None else patches
             prefix = tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids
             name = tokenizer(f" {ANSWERS[target]}", add_special_tokens=False).input_ids
-            length = inputs["input_ids"].shape[1]
+            length, answer = inputs["input_ids"].shape[1], len(prefix) + len(name)
             inputs = _with_answer(inputs, prefix + name)
-            recorder.region = F.pad(_region(patches, place), (0, len(prefix) + len(name)))
-            recorder.named = list(range(length + len(prefix) - 1, length + len(prefix) + len(name) - 1))
-            modality = F.pad(modality, (0, len(prefix) + len(name)), value=TEXT)
-            patches = F.pad(patches, (0, 0, 0, len(prefix) + len(name)), value=-1)
+            recorder.region = F.pad(_region(patches, place), (0, answer))
+            recorder.named = list(range(length + len(prefix) - 1, length + answer - 1))
+            modality = F.pad(modality, (0, answer), value=TEXT)
+            patches = F.pad(patches, (0, 0, 0, answer), value=-1)
         else:
             text = passkey_example(tokenizer, tokens, depth=random.Random(f"{seed}/{index}").random(), seed=index).text
             inputs = {"input_ids": torch.tensor([tokenizer(text).input_ids[:tokens]])}

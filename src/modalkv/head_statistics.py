@@ -20,13 +20,20 @@ from transformers import PretrainedConfig
 
 from modalkv.pretrained import EMBEDDED_MODELS, MINI_VLM, cache_dir
 
-__all__ = ["CalibrationError", "HeadStatistics", "load_statistics", "model_key", "statistics_path"]
+__all__ = ["CalibrationError", "HeadStatistics", "head_shape", "load_statistics", "model_key", "statistics_path"]
 
 _MINI_VLM_TYPE = "modalkv-mini-vlm"  # the mini-VLM's config.model_type (modalkv.vlm)
 
 
 class CalibrationError(ValueError):
     """A method needs head statistics that are missing or made for another model."""
+
+
+def head_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(layers, query heads, KV heads) of the language model of `config` (no GQA: KV heads = query heads)."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    return text.num_hidden_layers, heads, getattr(text, "num_key_value_heads", None) or heads
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,7 @@ class HeadStatistics:
 
     def check(self, config: PretrainedConfig) -> None:
         """CalibrationError unless the statistics were made on a model of `config`'s shape."""
-        text = config.get_text_config()
-        shape = (text.num_hidden_layers, text.num_attention_heads, getattr(text, "num_key_value_heads", None))
-        shape = (shape[0], shape[1], shape[2] or shape[1])
+        shape = head_shape(config)
         if shape != (self.num_layers, self.num_heads, self.num_kv_heads):
             raise CalibrationError(
                 f"the head statistics were measured on {self.model} ({self.num_layers} layers, {self.num_heads} "

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from modalkv.presses.base import CalibratedPress, PrefillInputs
-from modalkv.presses.scoring import check_window, pooled_window_attention, recent_window
+from modalkv.presses.scoring import check_kernel, check_window, pooled_window_attention, recent_window
 
 
 def _rescaled(values: torch.Tensor, members: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,7 @@ class MixKVPress(CalibratedPress):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_window(self.window_size)
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        check_kernel(self.kernel_size)
 
     def score(self, inputs: PrefillInputs) -> torch.Tensor:
         is_real = inputs.is_real

@@ -24,6 +24,12 @@ def check_window(window_size: int) -> None:
         raise ValueError(f"window_size must be >= 1, got {window_size}")
 
 
+def check_kernel(kernel_size: int) -> None:
+    """Raises ValueError unless `kernel_size` (a pooling kernel centred on each token) is a positive odd number."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+
+
 def keeps_everything(budget: float | int, is_real: torch.Tensor) -> bool:
     """True when `budget` keeps every real token of every row (is_real: [B, S]): nothing to score or evict."""
     num_real = is_real.sum(-1)

@@ -5,6 +5,7 @@ import torch
 from modalkv.presses.base import DecodeView, PrefillInputs, Press, Selection
 from modalkv.presses.scoring import (
     add_decode_attention,
+    check_kernel,
     check_window,
     decode_recent,
     pooled_window_attention,
@@ -35,8 +36,7 @@ class SnapKVPress(Press):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_window(self.window_size)
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        check_kernel(self.kernel_size)
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
 

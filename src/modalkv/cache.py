@@ -178,7 +178,9 @@ class CompressedLayer(CacheLayerMixin):
         result = ragged_attention(rows, queries, scaling, query_columns, with_weights, window, sinks)
         output = result.output
         if self.memory or evicting:
-            view = DecodeView(rows, result.weights, self.memory, self.num_kv_heads, groups, self.seen)
+            view = DecodeView(
+                rows, result.weights, self.memory, self.num_kv_heads, groups, self.seen, self.cache.press_state
+            )
             if self.memory:
                 output = press.read_memory(view, queries, output, result.log_mass)
             if evicting:
@@ -186,20 +188,20 @@ class CompressedLayer(CacheLayerMixin):
                 if self.window is not None and q > 1:  # several tokens: what left the window goes at once
                     self.rows = rows.keep_from_column(self.seen - self.window.limit)
                 elif rows.unevicted >= press.evict_every:
-                    rows.evict(press.decode_scores(view), self._absorb(view) if self.memory else None)
+                    rows.evict(press.decode_scores(view), self._absorb(view) if press.absorbs_leaving else None)
         if q == 1:  # [R, G, D] is already [B, 1, H, D] in memory
             return output.view(batch, 1, num_heads, dim)
         return output.view(batch, num_heads, q, dim).transpose(1, 2)
 
     def _absorb(self, view: DecodeView):
-        """The storage's release hook: gathers each leaving token and hands it to the press's memory."""
+        """The storage's release hook: gathers each leaving token and hands it to the press."""
         rows = self.rows
 
         def release(slot: torch.Tensor, leaving: torch.Tensor | None) -> None:
             tokens = LeavingTokens(
                 rows.slots["keys"].index_select(0, slot), rows.slots["values"].index_select(0, slot), slot, leaving
             )
-            self.cache.press.absorb(view, tokens)  # only press layers have a memory
+            self.cache.press.absorb(view, tokens)  # sliding layers absorb nothing
 
         return release
 

@@ -3,7 +3,8 @@
 At prefill the cache hands a press one layer (`PrefillInputs`) and stores what it returns (`Selection`). While
 decoding the cache owns the step -- append, attention, memory read-out, eviction -- and shows the press only the
 layer's slots as pages (`DecodeView`): the press updates its running scores, scores the slots, and (for a press with
-a memory) absorbs the tokens that leave (`LeavingTokens`) and reads its memory back into the attention output.
+a memory) absorbs the tokens that leave (`LeavingTokens`) and reads its memory back into the attention output; a
+merging press (CAM) folds a leaving token into the kept ones instead.
 
 A sliding-window layer of a hybrid model (Gemma 3, gpt-oss) is not given to the press: its policy is `SlidingWindow`,
 transformers' own window.
@@ -78,6 +79,7 @@ class DecodeView:
     num_kv_heads: int
     query_groups: int  # G, query heads per KV head
     seen: int  # sequence columns seen so far (the next token's column)
+    state: dict = field(default_factory=dict)  # per cache, shared by its layers (PrefillInputs.state)
 
     def slot(self, name: str) -> torch.Tensor:
         """The per-slot buffer `name` ("keys", "values", "columns", "scores", ...) as [pages, width, ...], a view:
@@ -128,6 +130,7 @@ class Policy(Protocol):
     budget: float | int
     evict_every: int
     needs_decode_attention: bool
+    absorbs_leaving: bool  # absorb() sees each token leaving while decoding
 
     def select(self, inputs: PrefillInputs) -> Selection: ...
     def observe(self, view: DecodeView) -> None: ...
@@ -149,6 +152,7 @@ class SlidingWindow:
     size: int
     evict_every: int = 1
     needs_decode_attention = False
+    absorbs_leaving = False
     decode_fill = {}  # noqa: RUF012 (read only, as on a Press)
 
     @property

@@ -4,6 +4,7 @@ from dataclasses import fields
 
 from modalkv.presses.adakv import AdaKVPress
 from modalkv.presses.base import PrefillInputs, Press
+from modalkv.presses.cam import CAMPress
 from modalkv.presses.chunkkv import ChunkKVPress
 from modalkv.presses.expected_attention import ExpectedAttentionPress
 from modalkv.presses.full import FullPress
@@ -40,6 +41,7 @@ PRESSES: dict[str, type[Press]] = {
         ExpectedAttentionPress,
         KVzipPress,
         MixKVPress,
+        CAMPress,
     )
 }
 # Presses that wrap a scoring press, named `<wrapper>:<press>` (`<wrapper>` alone wraps SnapKV).
@@ -78,6 +80,7 @@ __all__ = [
     "PRESSES",
     "WRAPPERS",
     "AdaKVPress",
+    "CAMPress",
     "ChunkKVPress",
     "ExpectedAttentionPress",
     "FullPress",

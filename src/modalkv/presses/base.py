@@ -61,6 +61,7 @@ class Press:
     evict_every: int = 0
     name: ClassVar[str] = ""
     needs_decode_attention: ClassVar[bool] = False  # observe() / decode_scores() read DecodeView.attention
+    absorbs_leaving: ClassVar[bool] = False  # absorb() sees each token leaving while decoding
     keeps_running_scores: ClassVar[bool] = False  # score() is also the running score stored per token ("scores")
     decode_fill: ClassVar[dict[str, float]] = {}  # per-slot data of decoded tokens other than 0 (Selection.slot_data)
 
@@ -99,7 +100,8 @@ class Press:
         raise NotImplementedError(f"{type(self).__name__} defines no decode-time eviction")
 
     def absorb(self, view: DecodeView, tokens: LeavingTokens) -> None:
-        """Called with each token about to leave a layer that has a memory (`Selection.memory`)."""
+        """Called with each token about to leave a layer while decoding, when the press `absorbs_leaving` (into its
+        memory, `Selection.memory`, or into the kept tokens)."""
 
     def read_memory(
         self, view: DecodeView, queries: torch.Tensor, output: torch.Tensor, log_mass: torch.Tensor

@@ -94,6 +94,7 @@ class RetentiveKVPress(Press):
     evict_every: int = 1
     name = "retentivekv"
     needs_decode_attention = True
+    absorbs_leaving = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -263,8 +264,11 @@ class RetentiveKVPress(Press):
     def absorb(self, view: DecodeView, tokens: LeavingTokens) -> None:
         """Absorbs a leaving token per row into the recall state (image patches into the visual state) with a = 1
         and h = the decay at average entropy: S <- h S + phi(k)^T v. Rows that release nothing are untouched
-        (weight 0, decay 1): no boolean indexing, no host sync."""
+        (weight 0, decay 1): no boolean indexing, no host sync. A layer that kept every token has no memory: what
+        leaves it later is dropped."""
         memory = view.memory
+        if not memory:
+            return
         retain = 1 / (1 + math.exp(-self.decay_bias))
         phi, value = (
             feature_map(tokens.keys)[:, :, None],

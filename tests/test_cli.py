@@ -36,6 +36,7 @@ JSON_KEYS = {
     "prefill_seconds",
     "decode_ms_per_token",
     "compiled",
+    "shared_prefill",
 }
 
 _loaded: dict = {}

@@ -86,6 +86,8 @@ def test_grid_records_failures_and_summary(base_run):
     assert all(r["cache_ratio"] < 0.6 for r in compressed)
     milebench = [r for r in records if r["task"].startswith("milebench/")]
     assert {r["image_input"] for r in milebench} == {"stand-in"} and all(r["images"] > 0 for r in milebench)
+    # text prompts are prefilled once per example and replayed for each press (test_shared_prefill.py)
+    assert all(r["shared_prefill"] == (r["task"] != "fidelity") for r in records)
     failures = [json.loads(line) for line in (out / "failures.rank0.jsonl").read_text().splitlines()]
     assert sorted(f["task"] for f in failures) == ["milebench/ActionSequence", "milebench/Broken"]
     assert "milebench/Broken: 1 failed" in result.stderr.replace("\n", " ")

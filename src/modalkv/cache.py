@@ -116,6 +116,8 @@ class CompressedLayer(CacheLayerMixin):
     def store_prefill(self, inputs: PrefillInputs) -> None:
         """Stores what the press (or, on a sliding layer, the window) keeps of this layer's prefill
         (inputs.keys/values: [B, H_kv, S, D])."""
+        if self.cache.recorded_prefill is not None:
+            self.cache.recorded_prefill.append(inputs)
         windows = self.cache.layer_windows(inputs.module.config)
         size = windows[self.layer_idx]
         self.window = None if size is None else SlidingWindow(size)
@@ -299,6 +301,7 @@ class CompressedCache(Cache):
             when full; reserving the whole generation keeps decoding shapes static, e.g. under torch.compile).
         compileable: tells transformers' generate() that its decoding steps may run compiled (`api.generate` with
             `compile=True`): the step has no graph break, no host sync, and shapes that change only with growth.
+        record_prefill: keep every layer's prefill inputs (`recorded_prefill`), for `from_recorded_prefill`.
     """
 
     def __init__(
@@ -308,6 +311,7 @@ class CompressedCache(Cache):
         patches: torch.Tensor | None = None,
         reserve: int = GROWTH_MIN,
         compileable: bool = False,
+        record_prefill: bool = False,
     ):
         super().__init__(layers=[])
         self.compileable = compileable
@@ -318,6 +322,25 @@ class CompressedCache(Cache):
         self.press_state: dict = {}  # what a press carries from one layer's prefill to the next (e.g. budgets)
         self.maps_checked: tuple | None = None  # the prefill shape the maps were last checked against
         self.windows: list[int | None] | None = None  # per layer: its sliding window, None for full attention
+        self.recorded_prefill: list[PrefillInputs] | None = [] if record_prefill else None
+
+    @classmethod
+    def from_recorded_prefill(cls, press: Policy, recorded: list[PrefillInputs], reserve: int = GROWTH_MIN):
+        """A cache holding what `press` keeps of a prefill that another cache recorded (`record_prefill=True`): each
+        layer's prefill inputs are handed to the press in layer order, as the attention function would hand them,
+        without running the model again. Exact, because a layer's prefill output never depends on the press (prefill
+        attention is over the whole prompt; the press only chooses what is stored), so the recorded inputs are the
+        ones this press would see in its own prefill. Not for a press whose prefill runs the model itself (KVzip)."""
+        cache = cls(press, recorded[0].modality, recorded[0].patches, reserve)
+        for inputs in recorded:
+            if inputs.layer_idx != len(cache.layers):
+                raise ValueError("a recorded prefill holds every layer once, in order")
+            layer = CompressedLayer(cache, inputs.layer_idx)
+            layer.lazy_initialization(inputs.keys, inputs.values)
+            layer.seen = inputs.keys.shape[2]
+            cache.layers.append(layer)
+            layer.store_prefill(replace(inputs, state=cache.press_state))
+        return cache
 
     def layer_windows(self, config: PretrainedConfig) -> list[int | None]:
         """Per layer, its sliding window or None (full attention), read from the model's config once."""

@@ -12,7 +12,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 from modalkv.api import compiled_cache
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
-from modalkv.presses import Press
+from modalkv.policy import PrefillInputs
+from modalkv.presses import FullPress, Press
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, raw: bool = False) -> dict[str, torch.Tensor]:
@@ -39,6 +40,60 @@ class _StepClock(LogitsProcessor):
 
 
 @dataclass
+class SharedPrefill:
+    """One prompt's prefill, run once through the model and replayed for each press (`generate_timed(shared=)`):
+    every layer's prefill inputs (`CompressedCache.from_recorded_prefill` says why that is exact) and the prompt's
+    last logits, from which every press's first new token comes. A grid of many presses on one prompt then pays one
+    forward over the prompt instead of one per press."""
+
+    layers: list[PrefillInputs]
+    first_logits: torch.Tensor  # [1, vocab]
+    seconds: float  # the model's forward over the prompt
+
+
+# Settings of a generation config that change which token greedy decoding picks from the logits. With none of them
+# set, the first new token is the argmax of the prompt's last logits (end-of-sequence masked while min_new_tokens asks
+# for more), which is what a shared prefill assumes.
+_LOGITS_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "min_length": (None, 0),
+}
+
+
+def share_prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> SharedPrefill | None:
+    """The prefill of one text prompt (`inputs`: input_ids, attention_mask), recorded for replay; None where replaying
+    could differ from generating (a batch, or a generation config whose logits processors change greedy's pick)."""
+    config = model.generation_config
+    if inputs["input_ids"].shape[0] != 1 or set(inputs) - {"input_ids", "attention_mask"}:
+        return None
+    if any(getattr(config, name, None) not in neutral for name, neutral in _LOGITS_SETTINGS.items()):
+        return None
+    recorder = FullPress()
+    cache = CompressedCache(recorder, record_prefill=True)
+    with recorder.attach(model), torch.no_grad():
+        start = time.perf_counter()
+        logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
+        seconds = time.perf_counter() - start
+    return SharedPrefill(cache.recorded_prefill, logits, seconds)
+
+
+def replays_prefill(press: Press) -> bool:
+    """Whether `press` (and any press it wraps) keeps a prefill from its inputs alone: KVzip runs the model itself."""
+    while press is not None:
+        if not press.replays_prefill:
+            return False
+        press = getattr(press, "press", None)
+    return True
+
+
+@dataclass
 class GenerationResult:
     text: str
     method: str
@@ -54,6 +109,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_ms_per_token: float | None  # median over decoded tokens; None with fewer than 2 new tokens
     compiled: bool = False  # decoded with a torch.compile'd forward
+    shared_prefill: bool = False  # the model's prefill forward was shared with other presses (`SharedPrefill`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,10 +124,16 @@ def generate_timed(
     min_new_tokens: int = 0,
     modality: torch.Tensor | None = None,
     compile: bool = False,
+    shared: SharedPrefill | None = None,
 ) -> GenerationResult:
     """Greedy generation of one prompt with `press`, timing prefill and decode separately. `modality`: the
     prompt's modality map (default: from the model's image/video token ids). `compile`: decode compiled (the
-    median step time then excludes the compilation, paid by the first steps, when enough tokens follow)."""
+    median step time then excludes the compilation, paid by the first steps, when enough tokens follow).
+    `shared`: this prompt's recorded prefill (`share_prefill`), replayed instead of running the model's prefill again
+    (ignored for a press that `replays_prefill` says cannot); the prefill time is then the shared forward's plus the
+    press's own compression."""
+    if shared is not None and replays_prefill(press) and not compile:
+        return _generate_from_shared(model, tokenizer, press, inputs, max_new_tokens, min_new_tokens, shared)
     cache = compiled_cache(press, max_new_tokens) if compile else CompressedCache(press)
     clock = _StepClock()
     start = time.perf_counter()
@@ -105,4 +167,63 @@ def generate_timed(
         prefill_seconds=clock.times[0] - start,
         decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
         compiled=compile,
+    )
+
+
+def _generate_from_shared(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    press: Press,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    min_new_tokens: int,
+    shared: SharedPrefill,
+) -> GenerationResult:
+    """`generate_timed` on a shared prefill: the press compresses the recorded layers, the first new token is greedy's
+    pick from the recorded logits, and generate() continues from it on the compressed cache."""
+    with press.using(model), torch.no_grad():
+        start = time.perf_counter()
+        cache = CompressedCache.from_recorded_prefill(press, shared.layers)
+        compress_seconds = time.perf_counter() - start
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    logits = shared.first_logits.clone()
+    if min_new_tokens > 0 and eos:
+        logits[:, eos] = float("-inf")
+    first = logits.argmax(-1, keepdim=True)  # [1, 1]
+    new_tokens, steps = first[0], []
+    if max_new_tokens > 1 and int(first) not in eos:
+        clock = _StepClock()
+        ids = torch.cat([inputs["input_ids"], first], dim=1)
+        mask = torch.cat(
+            [inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])), torch.ones_like(first)], 1
+        )
+        output = press.generate(
+            model,
+            input_ids=ids,
+            attention_mask=mask,
+            **{CACHE_KWARG: cache},
+            max_new_tokens=max_new_tokens - 1,
+            min_new_tokens=max(min_new_tokens - 1, 0),
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    return GenerationResult(
+        text=tokenizer.decode(new_tokens, skip_special_tokens=True),
+        method=press.name,
+        budget=press.budget,
+        prompt_tokens=inputs["input_ids"].shape[1],
+        generated_tokens=len(new_tokens),
+        cache_bytes=cache.cache_bytes(),
+        full_cache_bytes=cache.full_cache_bytes(),
+        global_cache_bytes=cache.cache_bytes(include_sliding=False),
+        global_full_cache_bytes=cache.full_cache_bytes(include_sliding=False),
+        allocated_bytes=cache.allocated_bytes(),
+        memory_bytes=cache.memory_bytes(),
+        prefill_seconds=shared.seconds + compress_seconds,
+        decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
+        shared_prefill=True,
     )

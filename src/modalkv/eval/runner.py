@@ -131,6 +131,7 @@ def evaluate(model: Any, processor: Any, item: WorkItem, rank: int) -> dict:
             outcome.global_cache_bytes / outcome.global_full_cache_bytes if outcome.global_full_cache_bytes else None
         ),
         "prefill_seconds": outcome.prefill_seconds,
+        "shared_prefill": outcome.shared_prefill,
         "decode_ms_per_token": outcome.decode_ms_per_token,
         "seconds": time.perf_counter() - start,
         "info": item.example.info,

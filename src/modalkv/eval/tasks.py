@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_typ
 import torch
 from transformers import PreTrainedModel
 
-from modalkv.generation import encode_prompt, generate_timed
+from modalkv.generation import SharedPrefill, encode_prompt, generate_timed, share_prefill
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
 
@@ -68,6 +68,7 @@ class Outcome:
     global_full_cache_bytes: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # secondary numbers (e.g. fidelity's KL)
     image_input: str = "none"  # "none", "processor" or "stand-in" (text-only model: images replaced by IMAGE_STANDIN)
+    shared_prefill: bool = False  # the model's prefill forward was shared with the example's other presses
 
 
 class Task(Protocol):
@@ -93,8 +94,16 @@ class GenerationTask:
         inputs, modality, image_input = encode_example(model, processor, example)
         inputs = {key: value.to(model.device) for key, value in inputs.items()}
         modality = None if modality is None else modality.to(model.device)
+        shared = self.shared_prefill(model, example, inputs) if image_input != "processor" else None
         result = generate_timed(
-            model, tokenizer_of(processor), press, inputs, example.max_new_tokens, min_new_tokens=1, modality=modality
+            model,
+            tokenizer_of(processor),
+            press,
+            inputs,
+            example.max_new_tokens,
+            min_new_tokens=1,
+            modality=modality,
+            shared=shared,
         )
         prediction = result.text.strip()
         return Outcome(
@@ -108,7 +117,20 @@ class GenerationTask:
             prefill_seconds=result.prefill_seconds,
             decode_ms_per_token=result.decode_ms_per_token,
             image_input=image_input,
+            shared_prefill=result.shared_prefill,
         )
+
+    def shared_prefill(
+        self, model: PreTrainedModel, example: Example, inputs: dict[str, torch.Tensor]
+    ) -> SharedPrefill | None:
+        """The example's text prompt prefilled once for all the presses the runner takes on it in a row: only the
+        latest example's is kept (the runner's order: every press of one example, then the next)."""
+        memo = self.__dict__.setdefault("_shared_prefills", {})
+        key = (example.task, example.id)
+        if key not in memo:
+            memo.clear()
+            memo[key] = share_prefill(model, inputs)
+        return memo[key]
 
 
 def tokenizer_of(processor: Any) -> Any:

@@ -62,6 +62,7 @@ class Press:
     name: ClassVar[str] = ""
     needs_decode_attention: ClassVar[bool] = False  # observe() / decode_scores() read DecodeView.attention
     absorbs_leaving: ClassVar[bool] = False  # absorb() sees each token leaving while decoding
+    replays_prefill: ClassVar[bool] = True  # select() needs only its inputs (a recorded prefill can be replayed)
     keeps_running_scores: ClassVar[bool] = False  # score() is also the running score stored per token ("scores")
     decode_fill: ClassVar[dict[str, float]] = {}  # per-slot data of decoded tokens other than 0 (Selection.slot_data)
 

@@ -52,6 +52,7 @@ class KVzipPress(Press):
     chunk_size: int = 2048
     tokenizer: str | None = None
     name = "kvzip"
+    replays_prefill = False  # its scores come from a reconstruction pass that the prefill's forward starts
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,11 +6,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from architectures import IMAGES, PROMPT, build
 from prefill import kept_sets, make_inputs
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from modalkv import get_press
+from modalkv import CompressedCache, get_press
+from modalkv.compat import CACHE_KWARG
+from modalkv.modality import IMAGE, TEXT
+from modalkv.multimodal import encode_multimodal
+from modalkv.presses import ExpectedAttentionPress
 
 CONFIG = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0)
 
@@ -71,9 +76,49 @@ def test_without_covariance_or_value_norms():
     assert torch.allclose(plain[..., 4:].sum(-1), torch.ones(1, 2))  # a softmax over the non-sink tokens
 
 
-def test_three_d_rope_is_refused():
+class Probe(ExpectedAttentionPress):
+    """Keeps what the first layer's scoring saw: its pre-RoPE queries and next positions."""
+
+    def score(self, inputs):
+        if inputs.layer_idx == 0:
+            self.seen = self.pre_rope_queries(inputs)
+        return super().score(inputs)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_a_3d_rope_image_prompt_is_unrotated_exactly(name):
+    """Qwen's image tokens have (temporal, height, width) positions only the model computes: read from its rotary
+    embedding while attached, they give back the queries before RoPE, and the future starts after the largest."""
+    model, processor = build(name)
+    inputs = encode_multimodal(model, processor, PROMPT, IMAGES)
+    plain = {k: v for k, v in inputs.items() if k not in ("modality", "patches")}
+    attention = model.get_decoder().layers[0].self_attn
+    captured = []
+    last = getattr(attention, "q_norm", attention.q_proj)  # Qwen3's queries are normalised before RoPE
+    hook = last.register_forward_hook(lambda module, args, output: captured.append(output))
+    press = Probe(budget=0.5)
+    try:
+        with press.using(model), press.attach(model), torch.no_grad():
+            model(**plain, **{CACHE_KWARG: CompressedCache(press, inputs["modality"], inputs["patches"])})
+    finally:
+        hook.remove()
+    batch, seq = captured[0].shape[:2]
+    expected = captured[0].reshape(batch, seq, -1, attention.head_dim).transpose(1, 2)
+    queries, next_position = press.seen
+    torch.testing.assert_close(queries, expected.float(), rtol=1e-4, atol=1e-5)
+    keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], **{k: inputs[k] for k in keys if k in inputs})
+    assert next_position.tolist() == (positions.amax(dim=(0, 2)) + 1).tolist()
+    assert not torch.equal(positions[0], positions[1])  # the prompt's positions really are 3-D
+
+
+def test_an_image_prompt_with_3d_rope_needs_the_press_attached():
     inputs, _ = rotated_inputs(seq=20)
     rope = {"rope_type": "default", "rope_theta": 500.0, "mrope_section": [2]}
     inputs.module = SimpleNamespace(config=SimpleNamespace(rope_parameters=rope))
-    with pytest.raises(ValueError, match="3-D"):
+    inputs.modality = torch.zeros(1, 20, dtype=torch.long)
+    inputs.modality[0, 5:9] = IMAGE
+    with pytest.raises(ValueError, match="3-D RoPE positions"):
         get_press("expected_attention", budget=0.5).score(inputs)
+    inputs.modality[:] = TEXT  # a text prompt's three positions are equal: its own tables serve
+    get_press("expected_attention", budget=0.5).score(inputs)

@@ -1,20 +1,33 @@
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from modalkv.modality import TEXT
 from modalkv.presses.base import PrefillInputs, Press
 from modalkv.presses.scoring import sink_tokens
 
 
+def rope_parameters(config) -> dict:
+    """The RoPE parameters of the layers presses compress (Gemma 3 has one set per layer type: the full-attention's)."""
+    params = config.rope_parameters
+    return params.get("full_attention", params)
+
+
+def is_multimodal_rope(config) -> bool:
+    """Whether the model rotates by 3-D positions (temporal, height, width: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
+    return "mrope_section" in rope_parameters(config)
+
+
 def rotary_tables(config, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [..., head_dim] of the model's RoPE (transformers' rotate-half layout, attention scaling included) at
-    `positions` [...], from its config as its rotary embedding computes them."""
-    params, layer_type = config.rope_parameters, None
-    if "full_attention" in params:  # RoPE per layer type (Gemma 3): presses compress the full-attention layers
-        layer_type, params = "full_attention", params["full_attention"]
-    if "mrope_section" in params:
-        raise ValueError("expected_attention needs 1-D rotary positions; a 3-D (multimodal) RoPE is not supported")
+    `positions` [...], from its config as its rotary embedding computes them. A 3-D (multimodal) RoPE: the tables of
+    tokens whose three positions are equal (text), for which its sections do not matter."""
+    params = rope_parameters(config)
+    layer_type = "full_attention" if "full_attention" in config.rope_parameters else None
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
@@ -47,8 +60,11 @@ class ExpectedAttentionPress(Press):
 
     Our resolution: kvpress recomputes pre-RoPE queries from the layer's hidden states; a press sees the rotated
     queries, so we rotate them back with the positions generate() gives a prompt (0, 1, ... over each row's real
-    tokens) and the RoPE of the model's config (default and transformers' scaled types; 3-D multimodal RoPE and
-    partial rotary are refused with an error). Padding is left out of the statistics and of the softmax.
+    tokens) and the RoPE of the model's config (default and transformers' scaled types; partial rotary is refused
+    with an error). A 3-D (multimodal) RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) gives image tokens positions that only
+    the model computes: while the press is attached (`using`), a hook on the language model's rotary embedding keeps
+    the prompt's own positions and tables, which undo the rotation exactly; future tokens are text, with three equal
+    positions after the prompt's largest. Padding is left out of the statistics and of the softmax.
     """
 
     n_future_positions: int = 512
@@ -57,6 +73,8 @@ class ExpectedAttentionPress(Press):
     use_vnorm: bool = True
     epsilon: float = 0.0
     name = "expected_attention"
+    # The latest forward's (positions, cos, sin) from the model's rotary embedding, for a 3-D RoPE (see `using`).
+    _rotary: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,19 +86,58 @@ class ExpectedAttentionPress(Press):
     def always_kept(self, inputs: PrefillInputs) -> torch.Tensor:
         return sink_tokens(inputs.is_real, self.n_sink)
 
+    @contextmanager
+    def using(self, model: PreTrainedModel) -> Iterator[None]:
+        rotary = getattr(model.get_decoder(), "rotary_emb", None)
+        if not is_multimodal_rope(model.config.get_text_config()) or rotary is None:
+            yield
+            return
+
+        def keep(module, args, kwargs, output) -> None:
+            positions = args[1] if len(args) > 1 else kwargs["position_ids"]
+            self._rotary = (positions, *output)
+
+        previous, handle = self._rotary, rotary.register_forward_hook(keep, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._rotary = previous
+
+    def pre_rope_queries(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, H, S, D] the prompt's queries before RoPE (float32) and [B] the next position of each row."""
+        cos, sin, next_position = self.prompt_rotation(inputs)  # [B, S, D], [B, S, D], [B]
+        scale = cos[..., :1] ** 2 + sin[..., :1] ** 2  # the RoPE's attention scaling, squared
+        rotated = inputs.queries.float()
+        return (rotated * cos[:, None] - rotate_half(rotated) * sin[:, None]) / scale[:, None], next_position
+
+    def prompt_rotation(self, inputs: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, D] of the prompt's own RoPE and [B] the next position of each row."""
+        config, (batch, _, seq, dim) = inputs.module.config, inputs.queries.shape
+        if not is_multimodal_rope(config):
+            positions = (inputs.is_real.long().cumsum(-1) - 1).clamp(min=0)  # [B, S], as generate() gives them
+            return *rotary_tables(config, positions, dim), inputs.is_real.sum(-1)
+        if self._rotary is not None and self._rotary[1].shape[:2] == (batch, seq):
+            positions, cos, sin = self._rotary  # positions: [3, B, S] (or [B, S])
+            last = positions[..., -1].reshape(-1, batch).amax(0).to(inputs.queries.device)
+            return cos.float().to(inputs.queries.device), sin.float().to(inputs.queries.device), last + 1
+        if inputs.modality is not None and bool((inputs.modality != TEXT).any()):
+            raise ValueError(
+                "expected_attention needs the 3-D RoPE positions of an image prompt, which the model computes: use "
+                "press.generate(model, ...) or `with press.attach(model):` so that the press can read them"
+            )
+        positions = (inputs.is_real.long().cumsum(-1) - 1).clamp(min=0)  # text only: three equal positions
+        return *rotary_tables(config, positions, dim), inputs.is_real.sum(-1)
+
     def score(self, inputs: PrefillInputs) -> torch.Tensor:
         batch, num_heads, seq, dim = inputs.queries.shape
         groups = num_heads // inputs.num_kv_heads
         config = inputs.module.config
-        positions = (inputs.is_real.long().cumsum(-1) - 1).clamp(min=0)  # [B, S]
-        cos, sin = rotary_tables(config, positions, dim)  # [B, S, D]
-        scale = cos[..., :1] ** 2 + sin[..., :1] ** 2  # the RoPE's attention scaling, squared
-        rotated = inputs.queries.float()
-        queries = (rotated * cos[:, None] - rotate_half(rotated) * sin[:, None]) / scale[:, None]  # before RoPE
+        queries, next_position = self.pre_rope_queries(inputs)
         observed = (inputs.is_real & ~self.always_kept(inputs))[:, None, :, None].float()  # [B, 1, S, 1]
         count = observed.sum(2, keepdim=True).clamp(min=1)
         mean = (queries * observed).sum(2, keepdim=True) / count  # [B, H, 1, D]
-        future = inputs.is_real.sum(-1, keepdim=True) + torch.arange(self.n_future_positions, device=positions.device)
+        future = next_position[:, None] + torch.arange(self.n_future_positions, device=queries.device)
         cos, sin = rotary_tables(config, future, dim)  # [B, n, D]
         eye = torch.eye(dim, device=cos.device)
         swap = rotate_half(eye).T  # P, with P x = rotate_half(x)

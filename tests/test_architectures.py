@@ -151,7 +151,7 @@ EVICTING = [method for method in METHODS if method not in ("full", "lookm", "kvz
 
 @pytest.mark.parametrize("method", EVICTING)
 def test_generation_after_eviction_with_a_left_padded_batch(arch, method):
-    name, model, processor = arch
+    _, model, processor = arch
     inputs = batch_inputs(model, processor)
     real = inputs["attention_mask"].sum(-1)
     cache = CompressedCache(get_press(method, budget=0.5))

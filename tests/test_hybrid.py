@@ -278,3 +278,30 @@ def test_layers_other_than_full_and_sliding_attention_are_refused():
     model = LlamaForCausalLM(config)
     with pytest.raises(ValueError, match=r"\['chunked_attention'\] layers; modalkv supports full-attention and"):
         get_press("snapkv", budget=0.5).generate(model, input_ids=prompt(), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "madakv", "retentivekv", "cam"])
+def test_a_shared_prefill_replays_sliding_layers_and_sinks_exactly(arch, method):
+    """The prefill recorded once (generation.share_prefill) and replayed for a press holds what the press's own
+    prefill holds, sliding windows included, and decodes the same logits."""
+    from modalkv.generation import share_prefill
+
+    _, model = arch
+    ids = prompt(seq=40)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    shared = share_prefill(model, inputs)
+    press = get_press(method, budget=0.3)
+    own = CompressedCache(press)
+    follow = torch.tensor([[5, 9, 11]])
+    with press.attach(model), torch.no_grad():
+        first = model(**inputs, **{CACHE_KWARG: own}, logits_to_keep=1).logits[:, -1]
+        replayed = CompressedCache.from_recorded_prefill(press, shared.layers)
+        assert [layer.is_sliding for layer in replayed.layers] == [layer.is_sliding for layer in own.layers]
+        assert replayed.kept_positions() == own.kept_positions()
+        logits = {}
+        for name, cache in (("own", own), ("replayed", replayed)):
+            logits[name] = torch.cat([model(follow[:, i : i + 1], **{CACHE_KWARG: cache}).logits for i in range(3)], 1)
+    torch.testing.assert_close(shared.first_logits, first, rtol=0, atol=0)
+    torch.testing.assert_close(logits["replayed"], logits["own"], rtol=0, atol=0)
+    assert replayed.kept_positions() == own.kept_positions()
+    assert replayed.cache_bytes() == own.cache_bytes() and replayed.full_cache_bytes() == own.full_cache_bytes()

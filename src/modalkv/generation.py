@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -77,9 +78,11 @@ def share_prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> Sh
         return None
     recorder = FullPress()
     cache = CompressedCache(recorder, record_prefill=True)
+    # generate() computes the prefill's logits for the last token only where the model can: so do we (same rounding)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with recorder.attach(model), torch.no_grad():
         start = time.perf_counter()
-        logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
+        logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
         seconds = time.perf_counter() - start
     return SharedPrefill(cache.recorded_prefill, logits, seconds)
 

@@ -142,9 +142,16 @@ def test_report_rebuilds_table_figures_and_page_from_jsonl(base_run, tmp_path):
     assert rows[0] == rows[1] and len(rows[0]) == 3  # the table `eval` printed, again from the JSONL alone
     summary = json.loads((figures / "summary.json").read_text())
     full = next(row for row in summary["rows"] if row["method"] == "full")
-    records = [r for r in runner.read_records(run) if r["method"] == "full" and r["task"] == "passkey"]
-    assert full["scores"]["passkey"] == pytest.approx(sum(r["score"] for r in records) / len(records))
-    assert "fidelity" not in summary["averaged"] and "passkey" in summary["averaged"]
+    for length in (64, 128):  # a task run at several lengths: a column per length
+        records = [
+            r
+            for r in runner.read_records(run)
+            if r["method"] == "full" and r["task"] == "passkey" and r["info"]["length"] == length
+        ]
+        assert full["scores"][f"passkey/{length}"] == pytest.approx(sum(r["score"] for r in records) / len(records))
+    assert "fidelity" not in summary["averaged"] and {"passkey/64", "passkey/128"} <= set(summary["averaged"])
+    assert "## Paired comparisons" in text and "| snapkv | 0.5 | full |" in text
+    assert "| streaming_llm | 0.5 | snapkv@0.5 |" in text
 
 
 def test_two_processes_under_torchrun_merge_to_the_single_process_run(tiny, base_run, tmp_path):
@@ -172,7 +179,14 @@ def lines_of(path: Path) -> list[dict]:
 def test_the_table_adds_the_global_layers_ratio_only_for_hybrid_models():
     def record(method: str, ratio: float, global_ratio: float | None) -> dict:
         return dict(
-            task="passkey", method=method, budget=0.2, score=1.0, metrics={}, in_average=True, cache_ratio=ratio
+            task="passkey",
+            example="0",
+            method=method,
+            budget=0.2,
+            score=1.0,
+            metrics={},
+            in_average=True,
+            cache_ratio=ratio,
         ) | ({} if global_ratio is None else {"global_cache_ratio": global_ratio})
 
     hybrid = report.summarize([record("full", 1.0, 1.0), record("snapkv", 0.65, 0.2)])

@@ -1,9 +1,11 @@
 """Summaries, figures and the results page, from a run folder's JSONL files alone (every rank's, merged).
 
-Rows are (method, budget) with `full` first; columns are the tasks (each MileBench dataset its own), the mean cache
-ratio (and, for a model with sliding-window layers, the mean ratio over its global layers: "global"), secondary
-metrics (fidelity's KL) and the average over accuracy-like tasks (present only when the row has all of them). Scores
-are shown x100, as MileBench and the KV-cache papers report them.
+Rows are (method, budget) with `full` first; columns are the tasks (each MileBench dataset its own; a task run at
+several prompt lengths, one column per length), the mean cache ratio (and, for a model with sliding-window layers, the
+mean ratio over its global layers: "global"), secondary metrics (fidelity's KL) and the average over accuracy-like
+columns (present only when the row has all of them). Scores are shown x100, as MileBench and the KV-cache papers
+report them, each with its 95% interval (`intervals.py`). Each method is compared with `full` and with SnapKV at the
+same budget on the same examples (exact McNemar or a paired sign-flip test).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modalkv.eval.intervals import Comparison, average_interval, compare, interval
 from modalkv.eval.runner import RUN_FILE, read_failures, read_records
 
 if TYPE_CHECKING:
@@ -27,9 +30,11 @@ class Row:
     scores: dict[str, float] = field(default_factory=dict)  # task -> mean score in [0, 1]
     counts: dict[str, int] = field(default_factory=dict)  # task -> examples
     metrics: dict[str, float] = field(default_factory=dict)  # "task metric" -> mean (e.g. "fidelity kl")
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> 95% interval of its score
     cache_ratio: float | None = None
     global_cache_ratio: float | None = None  # over the global layers (hybrid models), from records that have it
     average: float | None = None
+    average_interval: tuple[float, float] | None = None
 
 
 @dataclass
@@ -40,25 +45,40 @@ class Summary:
     rows: list[Row]
     failures: list[dict]
     records: int
+    comparisons: list[Comparison] = field(default_factory=list)  # paired, over the averaged columns' examples
+
+
+def column_of(record: dict, by_length: set[str]) -> str:
+    """The table column of a record: its task, and its prompt length where the task ran at several."""
+    return f"{record['task']}/{record['info']['length']}" if record["task"] in by_length else record["task"]
 
 
 def summarize(records: list[dict], failures: list[dict] | None = None) -> Summary:
-    """Means per (method, budget) and task; the average over the accuracy-like tasks."""
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    averaged = [t for t in tasks if all(r["in_average"] for r in records if r["task"] == t)]
+    """Means and 95% intervals per (method, budget) and column; the average over the accuracy-like columns; each
+    method paired against `full` and against SnapKV at its budget."""
+    lengths: dict[str, set] = {}
+    for r in records:
+        lengths.setdefault(r["task"], set()).add((r.get("info") or {}).get("length"))
+    by_length = {task for task, found in lengths.items() if len(found) > 1 and None not in found}
+    records = [{**r, "column": column_of(r, by_length)} for r in records]
+    first = {task: i for i, task in enumerate(dict.fromkeys(r["task"] for r in records))}
+    ordered = sorted(records, key=lambda r: (first[r["task"]], r["info"]["length"] if r["task"] in by_length else 0))
+    tasks = list(dict.fromkeys(r["column"] for r in ordered))  # in the order tasks first appear, lengths ascending
+    averaged = [t for t in tasks if all(r["in_average"] for r in records if r["column"] == t)]
     methods = list(dict.fromkeys(["full", *(r["method"] for r in records)]))
     keys = sorted({(r["method"], r["budget"]) for r in records}, key=lambda k: (methods.index(k[0]), k[1]))
-    rows, metric_names = [], []
+    rows, metric_names, paired = [], [], {}
     for method, budget in keys:
         mine = [r for r in records if r["method"] == method and r["budget"] == budget]
         row = Row(method, budget)
         for task in tasks:
-            scores = [r["score"] for r in mine if r["task"] == task]
+            scores = [r["score"] for r in mine if r["column"] == task]
             if scores:
                 row.scores[task], row.counts[task] = statistics.mean(scores), len(scores)
-            for name in dict.fromkeys(m for r in mine if r["task"] == task for m in r["metrics"]):
+                row.intervals[task] = interval(scores)
+            for name in dict.fromkeys(m for r in mine if r["column"] == task for m in r["metrics"]):
                 if name != "top1":  # the score already is top-1 agreement
-                    values = [r["metrics"][name] for r in mine if r["task"] == task and name in r["metrics"]]
+                    values = [r["metrics"][name] for r in mine if r["column"] == task and name in r["metrics"]]
                     row.metrics[f"{task} {name}"] = statistics.mean(values)
         ratios = [r["cache_ratio"] for r in mine if r["cache_ratio"] is not None]
         row.cache_ratio = statistics.mean(ratios) if ratios else None
@@ -66,9 +86,20 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
         row.global_cache_ratio = statistics.mean(global_ratios) if global_ratios else None
         if averaged and all(t in row.scores for t in averaged):
             row.average = statistics.mean(row.scores[t] for t in averaged)
+            groups = [[r["score"] for r in mine if r["column"] == t] for t in averaged]
+            row.average_interval = average_interval(groups)
+        paired[method, budget] = {(r["column"], r["example"]): r["score"] for r in mine if r["column"] in averaged}
         metric_names += [m for m in row.metrics if m not in metric_names]
         rows.append(row)
-    return Summary(tasks, averaged, metric_names, rows, failures or [], len(records))
+    comparisons = []
+    for method, budget in keys:
+        references = [("full", 1.0), ("snapkv", budget)] if method != "snapkv" else [("full", 1.0)]
+        for reference in references if method != "full" else []:
+            if reference in paired:
+                name = "full" if reference[0] == "full" else f"snapkv@{budget:g}"
+                found = compare(paired[method, budget], paired[reference], (method, budget, name))
+                comparisons += [found] if found is not None else []
+    return Summary(tasks, averaged, metric_names, rows, failures or [], len(records), comparisons)
 
 
 def load_summary(run_dir: Path) -> Summary:
@@ -98,13 +129,36 @@ def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
                 cells.append("-")
             else:
                 partial = f" ({row.counts[task]}/{most[task]})" if row.counts[task] < most[task] else ""
-                cells.append(f"{100 * row.scores[task]:.1f}{partial}")
+                cells.append(f"{100 * row.scores[task]:.1f} {_bounds(row.intervals[task])}{partial}")
         for name in summary.metrics:  # the full cache's KL with itself is ~±1e-8: shown as 0.000, not -0.000
             cells.append(f"{row.metrics[name]:.3f}".replace("-0.000", "0.000") if name in row.metrics else "-")
         if summary.averaged:
-            cells.append("-" if row.average is None else f"{100 * row.average:.1f}")
+            cells.append("-" if row.average is None else f"{100 * row.average:.1f} {_bounds(row.average_interval)}")
         lines.append(cells)
     return header, lines
+
+
+def _bounds(bounds: tuple[float, float]) -> str:
+    return f"[{100 * bounds[0]:.0f}-{100 * bounds[1]:.0f}]"
+
+
+def comparison_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired comparisons: each method against `full` and against SnapKV at its budget."""
+    header = ["method", "budget", "against", "examples", "difference", "better / worse", "p", "test"]
+    rows = [
+        [
+            c.method,
+            f"{c.budget:g}",
+            c.reference,
+            str(c.examples),
+            f"{100 * c.difference:+.1f}",
+            f"{c.better} / {c.worse}",
+            f"{c.p_value:.3g}" + (" *" if c.p_value < 0.05 else ""),
+            c.test,
+        ]
+        for c in summary.comparisons
+    ]
+    return header, rows
 
 
 def failure_lines(summary: Summary) -> list[str]:
@@ -157,9 +211,15 @@ def accuracy_figure(summary: Summary) -> Figure:
 
     for axis, panel in zip(axes.flat, panels, strict=False):
         for i, (method, rows) in enumerate(_ratio_rows(summary).items()):
-            points = [(r.budget, 100 * value(r, panel)) for r in rows if value(r, panel) is not None]
-            if points:
-                axis.plot(*zip(*points, strict=True), **line_style(i), label=method)
+            shown = [r for r in rows if value(r, panel) is not None]
+            if shown:
+                ys = [100 * value(r, panel) for r in shown]
+                bounds = [(r.average_interval if panel == "average" else r.intervals[panel]) for r in shown]
+                errors = [
+                    [y - 100 * lo for y, (lo, _) in zip(ys, bounds, strict=True)],
+                    [100 * hi - y for y, (_, hi) in zip(ys, bounds, strict=True)],
+                ]
+                axis.errorbar([r.budget for r in shown], ys, yerr=errors, capsize=2, **line_style(i), label=method)
         full = _full(summary)
         if full is not None and value(full, panel) is not None:
             axis.axhline(100 * value(full, panel), color="black", linestyle="--", label="full")
@@ -267,14 +327,31 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
         "full cache, with its KL in nats/token; synthetic: the right option ranked first by likelihood, chance 1/4 "
         "with the default 4 options, with its margin in nats). `cache`: kept KV bytes / uncompressed KV bytes (what "
         "transformers' own cache holds: its sliding-window layers keep their window); `global`, for a model with "
-        "sliding-window layers: the same over its global layers, where the budget applies. A cell with fewer "
-        "examples than its column says how many.",
+        "sliding-window layers: the same over its global layers, where the budget applies. Brackets: the 95% "
+        "interval (Wilson for 0/1 scores, over all the examples for the average; else a percentile bootstrap that, for "
+        "the average, resamples each column). A cell "
+        "with fewer examples than its column says how many.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
     ]
+    if summary.comparisons:
+        header, rows = comparison_table(summary)
+        lines += [
+            "## Paired comparisons",
+            "",
+            "Each method against the full cache and against SnapKV at the same budget, on the examples both ran, over "
+            f"the averaged columns ({', '.join(summary.averaged)}): the mean score difference (x100), the examples "
+            "where it scores higher / lower, and the two-sided p-value (exact McNemar for 0/1 scores, else a paired "
+            "sign-flip test); * p < 0.05, uncorrected for the number of comparisons.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows),
+            "",
+        ]
     for figure in figures:
         lines += [f"![{figure.stem}]({figure.resolve().relative_to(page.resolve().parent).as_posix()})", ""]
     failures = failure_lines(summary)

@@ -1,16 +1,14 @@
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
 
-from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
+from modalkv.presses.base import PrefillInputs, Press, Selection, WrapperPress, selection_from_mask, tokens_for_budget
 from modalkv.presses.scoring import keeps_everything
 from modalkv.presses.snapkv import SnapKVPress
 
 
 @dataclass
-class AdaKVPress(Press):
+class AdaKVPress(WrapperPress):
     """AdaKV: head-wise adaptive budgets around any scoring press (`adakv:<press>` in the CLI).
 
     Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM Inference",
@@ -29,18 +27,6 @@ class AdaKVPress(Press):
         super().__post_init__()
         if not 0 <= self.alpha_safeguard <= 1:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
-        if isinstance(self.press, AdaKVPress) or type(self.press).score is Press.score:
-            raise ValueError(f"adakv needs a scoring press inside, got {type(self.press).__name__}")
-        if self.press.evict_every:
-            raise ValueError("adakv keeps the head budgets it chose at prefill: no decode-time eviction inside it")
-
-    def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
-        return self.press.using(model)
-
-    def label(self) -> str:
-        return f"adakv:{self.press.label()}" + (
-            f"(alpha_safeguard={self.alpha_safeguard})" * (self.alpha_safeguard != 0.2)
-        )
 
     def select(self, inputs: PrefillInputs) -> Selection:
         is_real = inputs.is_real

@@ -19,7 +19,7 @@ from modalkv import api
 from modalkv.head_statistics import CalibrationError, HeadStatistics, load_statistics
 from modalkv.policy import DecodeView, LeavingTokens, PrefillInputs, Selection
 
-__all__ = ["CalibratedPress", "DecodeView", "LeavingTokens", "PrefillInputs", "Press", "Selection"]
+__all__ = ["CalibratedPress", "DecodeView", "LeavingTokens", "PrefillInputs", "Press", "Selection", "WrapperPress"]
 
 
 def selection_from_mask(keep: torch.Tensor) -> Selection:
@@ -209,3 +209,33 @@ class CalibratedPress(Press):
                 )
             self._statistics = load_statistics(self._config, self.calibration or None)
         return self._statistics
+
+
+@dataclass
+class WrapperPress(Press):
+    """A press around a scoring press (`<name>:<press>`, e.g. `adakv:snapkv`): the wrapper decides how many tokens
+    each head (or chunk) keeps, the inner press which ones, by its `score()` and `always_kept()`. The inner press
+    compresses at prefill only: the wrapper's counts would not survive its decode-time eviction. Subclasses give
+    `press` its default (a field of their own)."""
+
+    press: Press | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.press, Press) or isinstance(self.press, WrapperPress) or not _scores(self.press):
+            raise ValueError(f"{self.name} needs a scoring press inside, got {type(self.press).__name__}")
+        if self.press.evict_every:
+            raise ValueError(f"{self.name} chooses what each head keeps at prefill: no decode-time eviction inside it")
+
+    def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
+        return self.press.using(model)
+
+    def label(self) -> str:
+        """'<name>:<inner label>' with the wrapper's own parameters that differ from their defaults."""
+        own = [f for f in fields(self) if f.init and f.name not in {g.name for g in fields(Press)} | {"press"}]
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in own if getattr(self, f.name) != f.default]
+        return f"{self.name}:{self.press.label()}" + (f"({', '.join(changed)})" if changed else "")
+
+
+def _scores(press: Press) -> bool:
+    return type(press).score is not Press.score

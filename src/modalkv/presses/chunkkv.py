@@ -1,16 +1,14 @@
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
 
-from modalkv.presses.base import PrefillInputs, Press, Selection, selection_from_mask, tokens_for_budget
+from modalkv.presses.base import PrefillInputs, Press, Selection, WrapperPress, selection_from_mask, tokens_for_budget
 from modalkv.presses.scoring import keeps_everything, top_within
 from modalkv.presses.snapkv import SnapKVPress
 
 
 @dataclass
-class ChunkKVPress(Press):
+class ChunkKVPress(WrapperPress):
     """ChunkKV: keeps whole chunks of `chunk_length` consecutive tokens, ranked by a scoring press (`chunkkv:<press>`).
 
     Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM Inference",
@@ -32,16 +30,6 @@ class ChunkKVPress(Press):
         super().__post_init__()
         if self.chunk_length < 1:
             raise ValueError(f"chunk_length must be >= 1, got {self.chunk_length}")
-        if isinstance(self.press, ChunkKVPress) or type(self.press).score is Press.score:
-            raise ValueError(f"chunkkv needs a scoring press inside, got {type(self.press).__name__}")
-        if self.press.evict_every:
-            raise ValueError("chunkkv keeps the chunks it chose at prefill: no decode-time eviction inside it")
-
-    def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
-        return self.press.using(model)
-
-    def label(self) -> str:
-        return f"chunkkv:{self.press.label()}" + f"(chunk_length={self.chunk_length})" * (self.chunk_length != 20)
 
     def num_chunks_kept(self, num_chunks: torch.Tensor, num_real: torch.Tensor) -> torch.Tensor:
         """[B] chunks each row keeps, of its `num_chunks` [B] (the last one possibly partial)."""

@@ -11,6 +11,7 @@ from modalkv.presses.base import (
     PrefillInputs,
     Press,
     Selection,
+    WrapperPress,
     selection_from_mask,
     tokens_for_budget,
 )
@@ -19,7 +20,7 @@ from modalkv.presses.snapkv import SnapKVPress
 
 
 @dataclass
-class SparseMMPress(CalibratedPress):
+class SparseMMPress(WrapperPress, CalibratedPress):
     """SparseMM: head budgets from each head's visual score, around a scoring press (`sparsemm:<press>`).
 
     Wang et al., "SparseMM: Head Sparsity Emerges from Visual Concept Responses in MLLMs", https://arxiv.org/abs/2506.05344
@@ -45,18 +46,11 @@ class SparseMMPress(CalibratedPress):
         super().__post_init__()
         if not 0 <= self.ratio <= 1:
             raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
-        if isinstance(self.press, SparseMMPress) or type(self.press).score is Press.score:
-            raise ValueError(f"sparsemm needs a scoring press inside, got {type(self.press).__name__}")
-        if self.press.evict_every:
-            raise ValueError("sparsemm keeps the head budgets it chose at prefill: no decode-time eviction inside it")
-
-    def label(self) -> str:
-        return f"sparsemm:{self.press.label()}" + f"(ratio={self.ratio})" * (self.ratio != 0.1)
 
     @contextmanager
     def using(self, model: PreTrainedModel) -> Iterator[None]:
         with ExitStack() as stack:
-            stack.enter_context(super().using(model))
+            stack.enter_context(CalibratedPress.using(self, model))
             stack.enter_context(self.press.using(model))
             yield
 

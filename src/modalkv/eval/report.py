@@ -215,11 +215,13 @@ def accuracy_figure(summary: Summary) -> Figure:
             if shown:
                 ys = [100 * value(r, panel) for r in shown]
                 bounds = [(r.average_interval if panel == "average" else r.intervals[panel]) for r in shown]
-                errors = [
-                    [y - 100 * lo for y, (lo, _) in zip(ys, bounds, strict=True)],
-                    [100 * hi - y for y, (_, hi) in zip(ys, bounds, strict=True)],
+                errors = [  # (the bounds can sit a rounding error on the wrong side of the score)
+                    [max(0.0, y - 100 * lo) for y, (lo, _) in zip(ys, bounds, strict=True)],
+                    [max(0.0, 100 * hi - y) for y, (_, hi) in zip(ys, bounds, strict=True)],
                 ]
-                axis.errorbar([r.budget for r in shown], ys, yerr=errors, capsize=2, **line_style(i), label=method)
+                dodge = 1 + 0.012 * (i - len(_ratio_rows(summary)) / 2)  # side by side on the log axis
+                xs = [r.budget * dodge for r in shown]
+                axis.errorbar(xs, ys, yerr=errors, capsize=1.5, elinewidth=0.7, **line_style(i), label=method)
         full = _full(summary)
         if full is not None and value(full, panel) is not None:
             axis.axhline(100 * value(full, panel), color="black", linestyle="--", label="full")

@@ -22,6 +22,7 @@ from modalkv.eval.synthetic import (
     option_log_likelihoods,
 )
 from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, build_task, encode_example
+from modalkv.generation import share_prefill
 from modalkv.presses import get_press
 from modalkv.vlm.images import PHOTOS
 
@@ -136,6 +137,22 @@ def test_compressed_option_likelihoods_do_not_depend_on_the_other_options(vlm, o
     assert together.cache_bytes < 0.3 * together.full_cache_bytes
     full = option_log_likelihoods(model, get_press("full"), inputs, prefix, options[:1], modality)
     assert abs(float(together.log_likelihoods[0] - full.log_likelihoods[0])) > 1e-2  # compression changes them
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "madakv", "retentivekv", "lookm", "cam", "sparsemm:snapkv"])
+def test_option_likelihoods_from_a_shared_prefill_equal_the_press_own(vlm, one_picture, method):
+    """The image prompt prefilled once (its modality and patch maps recorded with it) and replayed for a press scores
+    every option exactly as the press's own prefill does."""
+    model, _ = vlm
+    inputs, modality, prefix, options = one_picture
+    plain = {name: value for name, value in inputs.items() if name != "patches"}
+    shared = share_prefill(model, plain, modality, inputs.get("patches"))
+    press = get_press(method, budget=0.2)
+    own = option_log_likelihoods(model, press, inputs, prefix, options, modality)
+    replayed = option_log_likelihoods(model, press, inputs, prefix, options, modality, shared)
+    assert replayed.shared_prefill and not own.shared_prefill
+    torch.testing.assert_close(replayed.log_likelihoods, own.log_likelihoods, rtol=0, atol=0)
+    assert (replayed.cache_bytes, replayed.full_cache_bytes) == (own.cache_bytes, own.full_cache_bytes)
 
 
 def test_evaluate_picks_the_calibrated_most_likely_option(vlm):

@@ -68,16 +68,22 @@ _LOGITS_SETTINGS = {
 }
 
 
-def share_prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> SharedPrefill | None:
-    """The prefill of one text prompt (`inputs`: input_ids, attention_mask), recorded for replay; None where replaying
-    could differ from generating (a batch, or a generation config whose logits processors change greedy's pick)."""
+def share_prefill(
+    model: PreTrainedModel,
+    inputs: dict[str, torch.Tensor],
+    modality: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
+) -> SharedPrefill | None:
+    """The prefill of one prompt (`inputs`: the model's keyword inputs; `modality`, `patches`: its maps), recorded for
+    replay; None where replaying could differ from running each press's own prefill: a batch, or a generation config
+    whose logits processors change greedy's first pick."""
     config = model.generation_config
-    if inputs["input_ids"].shape[0] != 1 or set(inputs) - {"input_ids", "attention_mask"}:
+    if inputs.get("input_ids", inputs.get("inputs_embeds")).shape[0] != 1:
         return None
     if any(getattr(config, name, None) not in neutral for name, neutral in _LOGITS_SETTINGS.items()):
         return None
     recorder = FullPress()
-    cache = CompressedCache(recorder, record_prefill=True)
+    cache = CompressedCache(recorder, modality=modality, patches=patches, record_prefill=True)
     # generate() computes the prefill's logits for the last token only where the model can: so do we (same rounding)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with recorder.attach(model), torch.no_grad():
@@ -135,7 +141,8 @@ def generate_timed(
     `shared`: this prompt's recorded prefill (`share_prefill`), replayed instead of running the model's prefill again
     (ignored for a press that `replays_prefill` says cannot); the prefill time is then the shared forward's plus the
     press's own compression."""
-    if shared is not None and replays_prefill(press) and not compile:
+    continues = set(inputs) <= {"input_ids", "attention_mask"}  # generate() goes on from token ids
+    if shared is not None and replays_prefill(press) and not compile and continues:
         return _generate_from_shared(model, tokenizer, press, inputs, max_new_tokens, min_new_tokens, shared)
     cache = compiled_cache(press, max_new_tokens) if compile else CompressedCache(press)
     clock = _StepClock()

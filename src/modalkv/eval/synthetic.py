@@ -44,6 +44,7 @@ from modalkv.api import check_prompt_length
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, Outcome, encode_example, tokenizer_of
+from modalkv.generation import SharedPrefill, replays_prefill, share_prefill
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
 from modalkv.presses.full import FullPress
@@ -160,6 +161,7 @@ class OptionScores:
     cache_bytes: int  # after the prompt and the shared prefix, before the options (one copy)
     full_cache_bytes: int
     prefill_seconds: float
+    shared_prefill: bool = False
 
 
 @torch.no_grad()
@@ -170,6 +172,7 @@ def option_log_likelihoods(
     prefix: list[int],
     options: list[list[int]],
     modality: torch.Tensor | None = None,
+    shared: SharedPrefill | None = None,
 ) -> OptionScores:
     """The log-likelihood of each option's tokens after the prompt and `prefix`, under the cache `press` makes.
 
@@ -178,7 +181,8 @@ def option_log_likelihoods(
     answer is") follows as one decode-phase forward; then the cache is copied once per option (batch rows) and every
     option is fed in one forward, right-padded (causal attention: a padding token never affects an earlier one).
     Options are decode-phase tokens, so the prompt's compression is the same for each. The first option token is
-    read from the forward before it, so single-token options need no forward of their own.
+    read from the forward before it, so single-token options need no forward of their own. `shared`: this prompt's
+    recorded prefill (`generation.share_prefill`), replayed instead of the model's prefill where the press allows.
     """
     if not options or any(not option for option in options):
         raise ValueError("give at least one option, each of at least one token")
@@ -190,11 +194,17 @@ def option_log_likelihoods(
     width = max(len(option) for option in options)
     check_prompt_length(model, prompt.shape[1], len(prefix) + width)
     device = prompt.device
-    cache = CompressedCache(press, modality=modality, patches=patches)
     with press.attach(model):
         start = time.perf_counter()
-        logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
-        prefill_seconds = time.perf_counter() - start
+        replayed = shared is not None and replays_prefill(press)
+        if replayed:
+            cache = CompressedCache.from_recorded_prefill(press, shared.layers)
+            logits = shared.first_logits
+            prefill_seconds = shared.seconds + time.perf_counter() - start
+        else:
+            cache = CompressedCache(press, modality=modality, patches=patches)
+            logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
+            prefill_seconds = time.perf_counter() - start
         if prefix:
             ids = torch.tensor([prefix], device=device)
             logits = model(input_ids=ids, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
@@ -209,7 +219,7 @@ def option_log_likelihoods(
             real = torch.tensor([[k < len(o) - 1 for k in range(width - 1)] for o in options], device=device)
             log_probs = F.log_softmax(model(input_ids=fed, **{CACHE_KWARG: cache}).logits.float(), dim=-1)
             scores = scores + (log_probs.gather(-1, wanted[..., None])[..., 0] * real).sum(-1)
-    return OptionScores(scores.cpu(), prompt.shape[1], cache_bytes, full_cache_bytes, prefill_seconds)
+    return OptionScores(scores.cpu(), prompt.shape[1], cache_bytes, full_cache_bytes, prefill_seconds, replayed)
 
 
 # -- the task --------------------------------------------------------------------------------------------------------
@@ -308,7 +318,12 @@ class SyntheticTask:
         inputs, modality = self._inputs(model, processor, example)
         words = example.info["options"]
         options = [_ids(tokenizer, f" {word}") for word in words]
-        result = option_log_likelihoods(model, press, inputs, _ids(tokenizer, ANSWER_PREFIX), options, modality)
+        shared = self._encoded.get("shared")
+        if shared is None:  # the prompt prefilled once for all the presses the runner takes on it in a row
+            plain = {name: value for name, value in inputs.items() if name != "patches"}
+            shared = self._encoded["shared"] = share_prefill(model, plain, modality, inputs.get("patches"))
+        prefix = _ids(tokenizer, ANSWER_PREFIX)
+        result = option_log_likelihoods(model, press, inputs, prefix, options, modality, shared)
         prior = self.prior(model, processor)
         calibrated = result.log_likelihoods - torch.tensor([prior[word] for word in words])
         prediction = words[int(calibrated.argmax())]
@@ -324,6 +339,7 @@ class SyntheticTask:
             decode_ms_per_token=None,  # nothing is generated
             metrics={"margin": float(margin)},
             image_input="processor",
+            shared_prefill=result.shared_prefill,
         )
 
 

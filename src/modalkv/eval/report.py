@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modalkv.eval.intervals import Comparison, average_interval, compare, interval
+from modalkv.eval.intervals import Comparison, average_interval, bootstrap, compare, interval
 from modalkv.eval.runner import RUN_FILE, read_failures, read_records
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ class Row:
     scores: dict[str, float] = field(default_factory=dict)  # task -> mean score in [0, 1]
     counts: dict[str, int] = field(default_factory=dict)  # task -> examples
     metrics: dict[str, float] = field(default_factory=dict)  # "task metric" -> mean (e.g. "fidelity kl")
+    metric_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # "task metric" -> bootstrap 95%
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> 95% interval of its score
     cache_ratio: float | None = None
     global_cache_ratio: float | None = None  # over the global layers (hybrid models), from records that have it
@@ -80,6 +81,7 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
                 if name != "top1":  # the score already is top-1 agreement
                     values = [r["metrics"][name] for r in mine if r["column"] == task and name in r["metrics"]]
                     row.metrics[f"{task} {name}"] = statistics.mean(values)
+                    row.metric_intervals[f"{task} {name}"] = bootstrap([values])
         ratios = [r["cache_ratio"] for r in mine if r["cache_ratio"] is not None]
         row.cache_ratio = statistics.mean(ratios) if ratios else None
         global_ratios = [r["global_cache_ratio"] for r in mine if r.get("global_cache_ratio") is not None]
@@ -131,7 +133,11 @@ def table(summary: Summary) -> tuple[list[str], list[list[str]]]:
                 partial = f" ({row.counts[task]}/{most[task]})" if row.counts[task] < most[task] else ""
                 cells.append(f"{100 * row.scores[task]:.1f} {_bounds(row.intervals[task])}{partial}")
         for name in summary.metrics:  # the full cache's KL with itself is ~±1e-8: shown as 0.000, not -0.000
-            cells.append(f"{row.metrics[name]:.3f}".replace("-0.000", "0.000") if name in row.metrics else "-")
+            if name not in row.metrics:
+                cells.append("-")
+                continue
+            low, high = row.metric_intervals[name]
+            cells.append(f"{row.metrics[name]:.3f} [{low:.3f}, {high:.3f}]".replace("-0.000", "0.000"))
         if summary.averaged:
             cells.append("-" if row.average is None else f"{100 * row.average:.1f} {_bounds(row.average_interval)}")
         lines.append(cells)

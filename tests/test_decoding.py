@@ -37,7 +37,7 @@ def test_presses_without_decode_eviction_refuse_the_option():
         get_press("lookm", budget=0.2, evict_every=4)
     with pytest.raises(ValueError, match="evict_every must be >= 0"):
         get_press("snapkv", budget=0.2, evict_every=-1)
-    with pytest.raises(ValueError, match="adakv keeps the head budgets"):
+    with pytest.raises(ValueError, match="adakv chooses what each head keeps at prefill"):
         get_press("adakv:snapkv", budget=0.2, evict_every=4)
 
 

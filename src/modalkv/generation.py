@@ -162,22 +162,7 @@ def generate_timed(
     prompt_tokens = inputs["input_ids"].shape[1]
     new_tokens = output[0, prompt_tokens:]
     steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
-    return GenerationResult(
-        text=tokenizer.decode(new_tokens, skip_special_tokens=True),
-        method=press.name,
-        budget=press.budget,
-        prompt_tokens=prompt_tokens,
-        generated_tokens=len(new_tokens),
-        cache_bytes=cache.cache_bytes(),
-        full_cache_bytes=cache.full_cache_bytes(),
-        global_cache_bytes=cache.cache_bytes(include_sliding=False),
-        global_full_cache_bytes=cache.full_cache_bytes(include_sliding=False),
-        allocated_bytes=cache.allocated_bytes(),
-        memory_bytes=cache.memory_bytes(),
-        prefill_seconds=clock.times[0] - start,
-        decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
-        compiled=compile,
-    )
+    return _result(tokenizer, press, cache, prompt_tokens, new_tokens, clock.times[0] - start, steps, compiled=compile)
 
 
 def _generate_from_shared(
@@ -221,11 +206,26 @@ def _generate_from_shared(
         )
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    prompt_tokens, prefill_seconds = inputs["input_ids"].shape[1], shared.seconds + compress_seconds
+    return _result(tokenizer, press, cache, prompt_tokens, new_tokens, prefill_seconds, steps, shared_prefill=True)
+
+
+def _result(
+    tokenizer: PreTrainedTokenizerBase,
+    press: Press,
+    cache: CompressedCache,
+    prompt_tokens: int,
+    new_tokens: torch.Tensor,
+    prefill_seconds: float,
+    steps: list[float],
+    **flags: bool,
+) -> GenerationResult:
+    """What a generation produced and held; `steps`: the seconds of each timed decoding step."""
     return GenerationResult(
         text=tokenizer.decode(new_tokens, skip_special_tokens=True),
         method=press.name,
         budget=press.budget,
-        prompt_tokens=inputs["input_ids"].shape[1],
+        prompt_tokens=prompt_tokens,
         generated_tokens=len(new_tokens),
         cache_bytes=cache.cache_bytes(),
         full_cache_bytes=cache.full_cache_bytes(),
@@ -233,7 +233,7 @@ def _generate_from_shared(
         global_full_cache_bytes=cache.full_cache_bytes(include_sliding=False),
         allocated_bytes=cache.allocated_bytes(),
         memory_bytes=cache.memory_bytes(),
-        prefill_seconds=shared.seconds + compress_seconds,
+        prefill_seconds=prefill_seconds,
         decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
-        shared_prefill=True,
+        **flags,
     )

@@ -340,10 +340,7 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
         "the average, resamples each column). A cell "
         "with fewer examples than its column says how many.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
-        "",
+        *_markdown_table(header, rows),
     ]
     if summary.comparisons:
         header, rows = comparison_table(summary)
@@ -355,13 +352,14 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
             "where it scores higher / lower, and the two-sided p-value (exact McNemar for 0/1 scores, else a paired "
             "sign-flip test); * p < 0.05, uncorrected for the number of comparisons.",
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows),
-            "",
+            *_markdown_table(header, rows),
         ]
     for figure in figures:
         lines += [f"![{figure.stem}]({figure.resolve().relative_to(page.resolve().parent).as_posix()})", ""]
     failures = failure_lines(summary)
     lines += ["## Failures", "", *([f"- {line}" for line in failures] or ["None."]), ""]
     return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]

@@ -215,8 +215,9 @@ def accuracy_figure(summary: Summary) -> Figure:
     def value(row: Row, panel: str) -> float | None:
         return row.average if panel == "average" else row.scores.get(panel)
 
+    methods = _ratio_rows(summary)
     for axis, panel in zip(axes.flat, panels, strict=False):
-        for i, (method, rows) in enumerate(_ratio_rows(summary).items()):
+        for i, (method, rows) in enumerate(methods.items()):
             shown = [r for r in rows if value(r, panel) is not None]
             if shown:
                 ys = [100 * value(r, panel) for r in shown]
@@ -225,7 +226,7 @@ def accuracy_figure(summary: Summary) -> Figure:
                     [max(0.0, y - 100 * lo) for y, (lo, _) in zip(ys, bounds, strict=True)],
                     [max(0.0, 100 * hi - y) for y, (_, hi) in zip(ys, bounds, strict=True)],
                 ]
-                dodge = 1 + 0.012 * (i - len(_ratio_rows(summary)) / 2)  # side by side on the log axis
+                dodge = 1 + 0.012 * (i - len(methods) / 2)  # side by side on the log axis
                 xs = [r.budget * dodge for r in shown]
                 axis.errorbar(xs, ys, yerr=errors, capsize=1.5, elinewidth=0.7, **line_style(i), label=method)
         full = _full(summary)

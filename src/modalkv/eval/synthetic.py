@@ -318,10 +318,11 @@ class SyntheticTask:
         inputs, modality = self._inputs(model, processor, example)
         words = example.info["options"]
         options = [_ids(tokenizer, f" {word}") for word in words]
-        shared = self._encoded.get("shared")
-        if shared is None:  # the prompt prefilled once for all the presses the runner takes on it in a row
+        # The prompt prefilled once for all the presses the runner takes on it in a row.
+        if "shared" not in self._encoded:
             plain = {name: value for name, value in inputs.items() if name != "patches"}
-            shared = self._encoded["shared"] = share_prefill(model, plain, modality, inputs.get("patches"))
+            self._encoded["shared"] = share_prefill(model, plain, modality, inputs.get("patches"))
+        shared = self._encoded["shared"]  # None where it cannot be shared (asked once, not per press)
         prefix = _ids(tokenizer, ANSWER_PREFIX)
         result = option_log_likelihoods(model, press, inputs, prefix, options, modality, shared)
         prior = self.prior(model, processor)

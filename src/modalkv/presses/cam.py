@@ -3,6 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from modalkv.presses.base import DecodeView, LeavingTokens, PrefillInputs, Selection
+from modalkv.presses.scoring import add_decode_attention
 from modalkv.presses.streaming_llm import StreamingLLMPress
 
 
@@ -48,7 +49,7 @@ class CAMPress(StreamingLLMPress):
         return super().select(inputs)
 
     def observe(self, view: DecodeView) -> None:
-        view.slot("scores").add_(view.attention.sum(dim=1), alpha=1 / view.query_groups)
+        add_decode_attention(view)
 
     def decode_scores(self, view: DecodeView) -> torch.Tensor:
         return view.slot("columns").float().masked_fill(view.slot("scores").isinf(), float("inf"))
@@ -63,15 +64,9 @@ class CAMPress(StreamingLLMPress):
         target_attention = view.sum_by_row(torch.where(targets, attention, 0).sum(-1))  # [R]
         target_count = view.sum_by_row(targets.sum(-1)).clamp(min=1)
         probability = slots["scores"].index_select(0, tokens.slot) * target_count / target_attention  # [R]
-        draw = torch.rand(rows, device=probability.device, generator=self._generator(view, probability.device))
+        draw = torch.rand(rows, device=probability.device, generator=view.state["cam.generator"])  # set by select()
         merged = draw < probability.nan_to_num(0.0)  # a probability over 1 always merges
         if tokens.leaving is not None:
             merged &= tokens.leaving
         share = tokens.values * (merged / target_count)[:, None].to(tokens.values.dtype)  # [R, D]
         view.slot("values").add_(targets[..., None] * view.by_page(share)[:, None, :])
-
-    def _generator(self, view: DecodeView, device: torch.device) -> torch.Generator:
-        generator = view.state.get("cam.generator")
-        if generator is None:  # a view made outside a prefill (tests)
-            generator = view.state["cam.generator"] = torch.Generator(device).manual_seed(self.seed)
-        return generator

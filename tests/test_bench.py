@@ -104,10 +104,13 @@ def test_bench_cli_writes_json_and_refuses_contexts_past_the_model(tmp_path):
     assert_fails(invoke("bench", "--context", "9000", "--out", tmp_path), "handles at most 8192 positions")
     assert_fails(invoke("bench", "--methods", "nope", "--out", tmp_path), "unknown method 'nope'")
     assert_fails(invoke("bench", "--methods", "snapkv", "-p", "theta=0.5", "--out", tmp_path), "parameter(s) theta")
-    # A ragged batch of the real model's passkey prompts: 300 and 150 tokens, left-padded.
-    result = invoke("bench", "--context", "300", "--decode-tokens", "3", "--batch", "2", "--ragged", "--out", tmp_path)
+    # A ragged batch of the real model's passkey prompts: 300 and 150 tokens, left-padded, prefilled once.
+    args = ["bench", "--context", "300", "--decode-tokens", "3", "--batch", "2", "--ragged", "--share-prefill"]
+    result = invoke(*args, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    record = json.loads((tmp_path / "bench.json").read_text())
+    rows = record["rows"]
+    assert record["share_prefill"] and all(row["shared_prefill"] for row in rows)
     assert {(row["batch"], row["prompt_tokens"]) for row in rows} == {(2, 450)}
     snapkv = next(row for row in rows if row["method"] == "snapkv")
     assert snapkv["bytes_per_sequence_prefill"] == pytest.approx((60 + 30) / 2 * 46080, rel=0.02)  # 20% of each
@@ -251,3 +254,51 @@ def test_the_baseline_of_a_hybrid_model_is_transformers_own_cache():
     assert baseline.cache_bytes == (2 * (40 + 3) + 2 * (WINDOW - 1)) * per_token
     run = measure(model, get_press("snapkv", budget=0.5, window_size=4), prompt_of_length(40), decode_tokens=3)
     assert run.full_cache_bytes == baseline.cache_bytes
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["llama", "gemma3_text"])
+def test_a_recorded_prefill_fills_each_cache_as_its_own_prefill_would(model, hybrid):
+    """Replayed into transformers' DynamicCache (sliding layers: their window) or a CompressedCache, a recorded
+    prefill leaves the same tokens and next logits as the cache's own prefill: the shared-prefill grid times the same
+    decoding steps."""
+    from transformers import DynamicCache
+
+    from modalkv.bench import Decoder, RecordedPrefill
+    from modalkv.cache import CompressedCache
+
+    if hybrid:
+        from test_hybrid import build
+
+        model = build("gemma3_text")
+    ids = prompt_of_length(40, 2)
+    mask = torch.ones_like(ids)
+    mask[1, :16] = 0
+    prompts = Prompts(ids, mask)
+    recorded = RecordedPrefill.run(model, prompts)
+    own, replayed = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = Decoder.prefill(model, prompts, own).logits
+    recorded.replay(replayed)
+    torch.testing.assert_close(recorded.logits, logits)
+    for mine, theirs in zip(replayed.layers, own.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys)
+        torch.testing.assert_close(mine.values, theirs.values)
+    press = get_press("snapkv", budget=0.5, window_size=4)
+    own, replayed = CompressedCache(press), CompressedCache(press)
+    with press.attach(model), torch.no_grad():
+        Decoder.prefill(model, prompts, own)
+        recorded.replay(replayed)
+    assert replayed.kept_positions() == own.kept_positions()
+
+
+def test_a_grid_on_shared_prefills_measures_the_same_caches(model):
+    presses = [get_press("snapkv", budget=0.5, window_size=4), get_press("streaming_llm", budget=0.25)]
+    seen = []
+    kwargs = {"decode_tokens": 3, "count_steps": 2, "batches": [1, 2]}
+    own = run_grid(model, prompt_of_length, presses, [40], **kwargs)
+    shared = run_grid(model, prompt_of_length, presses, [40], share_prefill=True, on_run=seen.append, **kwargs)
+    assert all(run.shared_prefill for run in seen) and not any(row["shared_prefill"] for row in own)
+    for mine, theirs in zip(shared, own, strict=True):
+        for name in ("method", "batch", "cache_bytes", "bytes_per_sequence_prefill", "bytes_per_sequence_decoded"):
+            assert mine[name] == theirs[name]
+        assert mine["ops_per_layer_step"] == theirs["ops_per_layer_step"]

@@ -62,7 +62,7 @@ def count_evaluations(monkeypatch) -> list:
     real = runner.evaluate
 
     def counting(*args, **kwargs):
-        calls.append(args[2].example.id)
+        calls.extend(example.id for example in args[2].examples)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "evaluate", counting)
@@ -110,6 +110,21 @@ def test_resume_skips_finished_records_and_redoes_only_the_missing(tiny, base_ru
     count_evaluations.clear()
     assert run_eval(tiny, run, "full,streaming_llm,snapkv,knorm").exit_code == 0
     assert len(count_evaluations) == EXAMPLES
+
+
+def test_a_batched_run_writes_the_records_of_one_example_at_a_time(tiny, base_run, tmp_path):
+    """--batch-size decodes a generation task's examples together (left-padded: the passkey prompts differ in
+    length): every record equals the single-example run's but for timings; fidelity runs one at a time."""
+    out = tmp_path / "batched"
+    result = run_eval(tiny, out, "full,streaming_llm,snapkv", "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    records = lines(out)
+    deterministic = ("prediction", "score", "cache_bytes", "full_cache_bytes", "prompt_tokens", "reference")
+    assert comparable(records, deterministic) == comparable(lines(base_run[0]), deterministic)
+    batches = {(r["task"].partition("/")[0], r["batch"]) for r in records}
+    assert batches == {("passkey", 2), ("milebench", 3), ("fidelity", 1)}
+    failures = [json.loads(line) for line in (out / "failures.rank0.jsonl").read_text().splitlines()]
+    assert sorted(f["task"] for f in failures) == ["milebench/ActionSequence", "milebench/Broken"]
 
 
 def comparable(records: list[dict], fields: tuple[str, ...]) -> list:

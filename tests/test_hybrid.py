@@ -295,7 +295,8 @@ def test_a_shared_prefill_replays_sliding_layers_and_sinks_exactly(arch, method)
     follow = torch.tensor([[5, 9, 11]])
     with press.attach(model), torch.no_grad():
         first = model(**inputs, **{CACHE_KWARG: own}, logits_to_keep=1).logits[:, -1]
-        replayed = CompressedCache.from_recorded_prefill(press, shared.layers)
+        replayed = CompressedCache(press)
+        replayed.replay_prefill(shared.layers)
         assert [layer.is_sliding for layer in replayed.layers] == [layer.is_sliding for layer in own.layers]
         assert replayed.kept_positions() == own.kept_positions()
         logits = {}

@@ -1,5 +1,7 @@
 """A prompt prefilled once and replayed for every press gives each press exactly what its own prefill gives."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 from eval_tiny import tiny_tokenizer
@@ -7,7 +9,7 @@ from helpers import METHODS
 
 from modalkv import CompressedCache
 from modalkv.compat import CACHE_KWARG
-from modalkv.generation import generate_timed, share_prefill
+from modalkv.generation import generate_shared, generate_timed, share_prefill
 from modalkv.presses import get_press
 
 # KVzip's prefill runs the model itself (it is not replayed: the runner gives it its own prefill).
@@ -42,7 +44,8 @@ def test_a_replayed_cache_holds_the_same_tokens_and_decodes_the_same_logits(mode
     follow = torch.tensor([[5, 9, 11]])
     with press.using(model), press.attach(model), torch.no_grad():
         model(**inputs, **{CACHE_KWARG: own})
-        replayed = CompressedCache.from_recorded_prefill(press, shared.layers)
+        replayed = CompressedCache(press)
+        replayed.replay_prefill(shared.layers)
         assert replayed.kept_positions() == own.kept_positions()
         for cache in (own, replayed):
             logits = [model(follow[:, i : i + 1], **{CACHE_KWARG: cache}).logits for i in range(3)]
@@ -57,7 +60,11 @@ def test_a_replayed_cache_holds_the_same_tokens_and_decodes_the_same_logits(mode
 
 def test_a_prompt_that_cannot_be_replayed_exactly_is_not_shared(model):
     ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(7))
-    assert share_prefill(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) is None  # a batch
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    assert share_prefill(model, {"input_ids": ids, "attention_mask": mask}) is not None  # a left-padded batch
+    padded_embeds = {"inputs_embeds": model.get_input_embeddings()(ids), "attention_mask": mask}
+    assert share_prefill(model, padded_embeds) is None  # positions of padded non-token inputs: the model's own affair
     one = {"input_ids": ids[:1], "attention_mask": torch.ones_like(ids[:1])}
     model.generation_config.repetition_penalty = 1.2  # changes greedy's pick from the logits
     try:
@@ -65,3 +72,56 @@ def test_a_prompt_that_cannot_be_replayed_exactly_is_not_shared(model):
     finally:
         model.generation_config.repetition_penalty = None
     assert share_prefill(model, one) is not None
+
+
+BATCH_INVARIANT = [method for method in REPLAYED if get_press(method).batch_invariant]
+
+
+@pytest.mark.parametrize("method", BATCH_INVARIANT)
+def test_prompts_decoded_together_each_give_what_they_give_alone(model, method):
+    """A left-padded batch on one shared prefill: each prompt's text, token count and bytes are those it has decoded
+    alone, including a prompt that reaches its end of sequence before the others (its bytes are taken then)."""
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 128, (1, n), generator=gen) for n in (96, 61, 80)]
+    ids = torch.zeros(3, 96, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 96 - prompt.shape[1] :], mask[row, 96 - prompt.shape[1] :] = prompt, 1
+    tokenizer = tiny_tokenizer()
+    press = get_press(method, budget=1.0 if method == "full" else 0.3)
+    if "window_size" in {f.name for f in fields(getattr(press, "press", press))}:
+        # shorter than the prompts: a window holding a whole prompt leaves ties, broken by position (and padding)
+        press = get_press(method, budget=press.budget, window_size=8)
+    settings = {"max_new_tokens": 8, "min_new_tokens": 1}
+
+    def alone() -> list:
+        return [
+            generate_timed(model, tokenizer, press, {"input_ids": p, "attention_mask": torch.ones_like(p)}, **settings)
+            for p in prompts
+        ]
+
+    # The second prompt's fourth token becomes the end of sequence: that prompt stops early, the others go on.
+    with press.attach(model):
+        free = model.generate(prompts[1], **{CACHE_KWARG: CompressedCache(press)}, max_new_tokens=8, do_sample=False)
+    model.generation_config.eos_token_id = int(free[0, prompts[1].shape[1] + 3])
+    try:
+        singles = alone()
+        shared = share_prefill(model, {"input_ids": ids, "attention_mask": mask})
+        batched = generate_shared(
+            model, tokenizer, press, {"input_ids": ids, "attention_mask": mask}, **settings, shared=shared
+        )
+    finally:
+        model.generation_config.eos_token_id = None
+    assert singles[1].generated_tokens < 8
+    assert [r.generated_tokens for r in batched] == [r.generated_tokens for r in singles]
+    for mine, theirs, prompt in zip(batched, singles, prompts, strict=True):
+        assert mine.batch == 3 and mine.prompt_tokens == prompt.shape[1]
+        assert mine.text == theirs.text
+        for field in (
+            "cache_bytes",
+            "full_cache_bytes",
+            "global_cache_bytes",
+            "global_full_cache_bytes",
+            "memory_bytes",
+        ):
+            assert getattr(mine, field) == getattr(theirs, field), field

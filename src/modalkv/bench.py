@@ -7,6 +7,11 @@ context at the same batch, where what remains is reading the weights) is measure
 per second. Peak memory and the largest batch under a memory limit are measured in fresh processes:
 `peak_memory.py`.
 
+With `share_prefill`, each (context, batch) is prefilled once and every cell replays that recorded prefill into its
+own cache (`RecordedPrefill`): a cell's decoding steps start from exactly the cache its own prefill would build, and a
+long-context grid pays one long forward instead of one per cell and round. Its prefill time is then the shared
+forward's plus the cell's own compression.
+
 What a GPU pays per decode step is also counted, on any device (`decode_dispatch`, `modalkv.profiling`): aten
 operations per layer and step (each at most one kernel launch) and host-device synchronisations per step.
 """
@@ -27,7 +32,8 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from modalkv.api import compiled_cache
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
-from modalkv.presses import Press
+from modalkv.policy import PrefillInputs
+from modalkv.presses import FullPress, Press
 from modalkv.profiling import DispatchCounter
 
 FLOOR_CONTEXT = 256
@@ -40,6 +46,11 @@ class Prompts(NamedTuple):
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, prompts: Prompts | torch.Tensor) -> Prompts:
+        """`prompts` as a batch (a tensor is one unpadded batch)."""
+        return prompts if isinstance(prompts, Prompts) else cls(prompts)
 
     @property
     def batch(self) -> int:
@@ -94,6 +105,7 @@ class Run:
     syncs_per_step: float | None = None  # host syncs per decode step
     top_ops: dict[str, float] | None = None  # op name -> calls per step
     sync_sites: dict[str, float] | None = None  # "kind at file:line in function" -> syncs per step
+    shared_prefill: bool = False  # the cache was replayed from a `RecordedPrefill` (prefill_seconds: see there)
 
 
 @dataclass
@@ -126,6 +138,38 @@ class Decoder:
         with counter if counter is not None else contextlib.nullcontext():
             output = self.model(token, **{CACHE_KWARG: self.cache}, use_cache=True, **extra)
         self.logits = output.logits[:, -1:]
+
+
+@dataclass
+class RecordedPrefill:
+    """A batch's prefill, run once and replayed into each cell's cache: every layer's prefill inputs (exact, as
+    `CompressedCache.replay_prefill` says), the last position's logits and the forward's seconds."""
+
+    layers: list[PrefillInputs]
+    logits: torch.Tensor  # [B, 1, vocab]
+    seconds: float
+
+    @classmethod
+    @torch.no_grad()
+    def run(cls, model: PreTrainedModel, prompts: Prompts) -> RecordedPrefill:
+        recorder = FullPress()
+        cache = CompressedCache(recorder, record_prefill=True)
+        synchronize = torch.cuda.synchronize if prompts.input_ids.is_cuda else lambda: None
+        with recorder.attach(model):
+            synchronize()
+            start = time.perf_counter()
+            logits = Decoder.prefill(model, prompts, cache).logits
+            synchronize()
+        return cls(cache.recorded_prefill, logits, time.perf_counter() - start)
+
+    def replay(self, cache) -> None:
+        """Fills an empty cache as its own prefill would: a CompressedCache through its press (attached), transformers'
+        caches with every layer's keys and values (its sliding layers keep their window, as in a prefill)."""
+        if isinstance(cache, CompressedCache):
+            cache.replay_prefill(self.layers)
+            return
+        for inputs in self.layers:
+            cache.update(inputs.keys, inputs.values, inputs.layer_idx)
 
 
 def held_bytes(cache) -> tuple[int, int, int, int]:
@@ -196,6 +240,7 @@ def measure(
     warmup: int = 2,
     count_steps: int = 0,
     compile: bool = False,
+    recorded: RecordedPrefill | None = None,
 ):
     """Greedy prefill + `decode_tokens` steps; `press=None` is transformers' own DynamicCache (the baseline).
 
@@ -203,9 +248,11 @@ def measure(
     that many more steps (`count_decode`), untimed: the timed steps were their warm-up, and the cache sizes are taken
     before them. `compile`: the decoding steps run a torch.compile'd forward (the prefill does not); with
     `press=None` that is transformers' StaticCache + compile. Compilation happens in the first steps: `warmup` must
-    cover them (the median is taken after it).
+    cover them (the median is taken after it). `recorded`: these prompts' prefill, replayed instead of run (not for a
+    press that runs the model in its prefill, KVzip: it prefills itself); the prefill time is then the recorded
+    forward's plus this cell's replay.
     """
-    prompts = prompts if isinstance(prompts, Prompts) else Prompts(prompts)
+    prompts = Prompts.of(prompts)
     cache = make_cache(model, press, prompts.context, decode_tokens + count_steps + 1, compile)
     forward = model
     if compile:
@@ -217,9 +264,13 @@ def measure(
     with contextlib.nullcontext() if press is None else press.attach(model):
         synchronize()
         start = time.perf_counter()
-        decoder = Decoder.prefill(model, prompts, cache)
+        if recorded is None:
+            decoder = Decoder.prefill(model, prompts, cache)
+        else:
+            recorded.replay(cache)
+            decoder = Decoder(model, cache, recorded.logits, prompts.attention_mask)
         synchronize()
-        prefill = time.perf_counter() - start
+        prefill = time.perf_counter() - start + (0.0 if recorded is None else recorded.seconds)
         after_prefill = held_bytes(cache)
         decoder.model = forward
         steps = []
@@ -251,6 +302,7 @@ def measure(
         syncs_per_step=dispatch and dispatch.syncs_per_step,
         top_ops=dispatch and dispatch.top_ops,
         sync_sites=dispatch and dispatch.sync_sites,
+        shared_prefill=recorded is not None,
     )
 
 
@@ -265,6 +317,7 @@ def run_grid(
     count_steps: int = COUNT_STEPS,
     compile: bool = False,
     batches: tuple[int, ...] | list[int] = (1,),
+    share_prefill: bool = False,
 ) -> list[dict]:
     """Runs every press at every context and batch size against the baseline and the floor, interleaved; returns
     summary rows. `prompts_of(context, batch)` gives the prompts (distinct texts: a batch of copies would let a
@@ -281,25 +334,33 @@ def run_grid(
     `compile`: every press also runs compiled (its row's method ends in "+compile"), and transformers' StaticCache +
     compile joins as a peer row; the ratios stay to the eager DynamicCache. Compiling takes the first decoding steps
     of each cell (not timed: the warm-up is widened to cover them).
+
+    `share_prefill`: each (context, batch)'s prompts, and the floor's, are prefilled once and replayed into every
+    cell's cache (`RecordedPrefill`; KVzip still prefills itself).
     """
     rows = []
     for context in contexts:
         for batch in batches:
-            prompts, floor_prompts = prompts_of(context, batch), prompts_of(FLOOR_CONTEXT, batch)
+            prompts, floor_prompts = (Prompts.of(prompts_of(n, batch)) for n in (context, FLOOR_CONTEXT))
+            record = RecordedPrefill.run if share_prefill else lambda model, prompts: None
+            main, floor = (prompts, record(model, prompts)), (floor_prompts, record(model, floor_prompts))
             runs: dict[str, list[Run]] = {}
             for round_ in range(repeats):
-                cells = [("baseline", None, prompts, False), ("floor", None, floor_prompts, False)]
-                cells += [(press.label() + f"@{press.budget}", press, prompts, False) for press in presses]
+                cells = [("baseline", None, main, False), ("floor", None, floor, False)]
+                cells += [(press.label() + f"@{press.budget}", press, main, False) for press in presses]
                 if compile:
-                    cells += [("static_cache+compile", None, prompts, True)]
-                    cells += [(press.label() + f"+compile@{press.budget}", press, prompts, True) for press in presses]
-                for key, press, tokens, compiled in cells:
+                    cells += [("static_cache+compile", None, main, True)]
+                    cells += [(press.label() + f"+compile@{press.budget}", press, main, True) for press in presses]
+                for key, press, (tokens, recorded), compiled in cells:
                     count = count_steps if round_ == 0 and key != "floor" else 0
                     warmup = COMPILE_WARMUP if compiled else 2
-                    run = measure(model, press, tokens, decode_tokens + warmup - 2, warmup, count, compiled)
+                    if press is not None and not press.replays_prefill:
+                        recorded = None  # KVzip runs the model in its prefill
+                    run = measure(model, press, tokens, decode_tokens + warmup - 2, warmup, count, compiled, recorded)
                     runs.setdefault(key, []).append(run)
                     if on_run is not None:
                         on_run(run)
+            del main, floor  # a recorded prefill holds every layer's queries: freed before the next context's
             rows += summarise(runs)
     return rows
 

@@ -118,6 +118,14 @@ def bench_command(
             "compile as a peer (compilation takes minutes per cell on a CPU)",
         ),
     ] = False,
+    share_prefill: Annotated[
+        bool,
+        typer.Option(
+            "--share-prefill",
+            help="prefill each context once and replay it into every cell's cache: the same decoding steps, one long "
+            "forward instead of one per cell and round (prefill seconds: that forward plus the cell's compression)",
+        ),
+    ] = False,
 ) -> None:
     """Decode speed, throughput, prefill time and cache size per method, budget and batch, as ratios to the
     uncompressed cache measured in the same run; with --memory-limit, the most sequences each fits."""
@@ -161,6 +169,7 @@ def bench_command(
             count_steps=count_steps,
             compile=compile,
             batches=batches,
+            share_prefill=share_prefill,
         )
     if memory:
         from modalkv.peak_memory import measure_in_subprocess
@@ -187,6 +196,7 @@ def bench_command(
         "threads": torch.get_num_threads(),
         "decode_tokens": decode_tokens,
         "ragged": ragged,
+        "share_prefill": share_prefill,
         "rows": rows,
         "capacity": capacity,
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from transformers import PretrainedConfig
@@ -62,6 +63,16 @@ def take_pending(layer_idx: int) -> PendingUpdate | None:
             f"{pending.layer_idx}; this model does not pair each cache update with its own attention call"
         )
     return pending
+
+
+class SequenceBytes(NamedTuple):
+    """One sequence's bytes in a cache (`CompressedCache.sequence_bytes`)."""
+
+    cache: int  # kept keys and values, every layer
+    full_cache: int  # what transformers' own cache would hold for it (sliding layers: their window)
+    global_cache: int  # the same two over the layers the press compresses
+    global_full_cache: int
+    memory: int  # the press's state beside the tokens
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -245,6 +256,17 @@ class CompressedLayer(CacheLayerMixin):
         held = self.seen if self.window is None else min(self.seen, self.window.limit)
         return self.batch_size * self.num_kv_heads * held * self.bytes_per_token()
 
+    def sequence_bytes(self, padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per batch row ([B] tensors): its kept K/V bytes and what transformers' cache would hold for that sequence
+        alone (its `padding` left columns, [B], not stored); and one row's share of the press's state (every row
+        carries the same-sized state)."""
+        bytes_per_token = self.bytes_per_token()
+        kept = self.kept_lengths().sum(1) * bytes_per_token
+        held = self.seen - padding.cpu()
+        if self.window is not None:
+            held = held.clamp(max=self.window.limit)
+        return kept, self.num_kv_heads * held * bytes_per_token, self.memory_bytes() // max(self.batch_size, 1)
+
     # -- the transformers Cache-layer contract ------------------------------------------------------------------
 
     def get_seq_length(self) -> int:
@@ -301,7 +323,7 @@ class CompressedCache(Cache):
             when full; reserving the whole generation keeps decoding shapes static, e.g. under torch.compile).
         compileable: tells transformers' generate() that its decoding steps may run compiled (`api.generate` with
             `compile=True`): the step has no graph break, no host sync, and shapes that change only with growth.
-        record_prefill: keep every layer's prefill inputs (`recorded_prefill`), for `from_recorded_prefill`.
+        record_prefill: keep every layer's prefill inputs (`recorded_prefill`), for `replay_prefill`.
     """
 
     def __init__(
@@ -324,23 +346,24 @@ class CompressedCache(Cache):
         self.windows: list[int | None] | None = None  # per layer: its sliding window, None for full attention
         self.recorded_prefill: list[PrefillInputs] | None = [] if record_prefill else None
 
-    @classmethod
-    def from_recorded_prefill(cls, press: Policy, recorded: list[PrefillInputs], reserve: int = GROWTH_MIN):
-        """A cache holding what `press` keeps of a prefill that another cache recorded (`record_prefill=True`): each
-        layer's prefill inputs are handed to the press in layer order, as the attention function would hand them,
-        without running the model again. Exact, because a layer's prefill output never depends on the press (prefill
-        attention is over the whole prompt; the press only chooses what is stored), so the recorded inputs are the
-        ones this press would see in its own prefill. Not for a press whose prefill runs the model itself (KVzip)."""
-        cache = cls(press, recorded[0].modality, recorded[0].patches, reserve)
+    def replay_prefill(self, recorded: list[PrefillInputs]) -> None:
+        """Fills this empty cache with what its press keeps of a prefill that another cache recorded
+        (`record_prefill=True`): each layer's prefill inputs are handed to the press in layer order, as the attention
+        function would hand them, without running the model again. Exact, because a layer's prefill output never
+        depends on the press (prefill attention is over the whole prompt; the press only chooses what is stored), so
+        the recorded inputs are the ones this press would see in its own prefill. Not for a press whose prefill runs
+        the model itself (KVzip). Run it where the press is attached or `using` the model, as a prefill would be."""
+        if self.layers:
+            raise ValueError("a prefill is replayed into an empty cache")
+        self.modality, self.patches = recorded[0].modality, recorded[0].patches
         for inputs in recorded:
-            if inputs.layer_idx != len(cache.layers):
+            if inputs.layer_idx != len(self.layers):
                 raise ValueError("a recorded prefill holds every layer once, in order")
-            layer = CompressedLayer(cache, inputs.layer_idx)
+            layer = CompressedLayer(self, inputs.layer_idx)
             layer.lazy_initialization(inputs.keys, inputs.values)
             layer.seen = inputs.keys.shape[2]
-            cache.layers.append(layer)
-            layer.store_prefill(replace(inputs, state=cache.press_state))
-        return cache
+            self.layers.append(layer)
+            layer.store_prefill(replace(inputs, state=self.press_state))
 
     def layer_windows(self, config: PretrainedConfig) -> list[int | None]:
         """Per layer, its sliding window or None (full attention), read from the model's config once."""
@@ -411,6 +434,20 @@ class CompressedCache(Cache):
         """Bytes transformers' own DynamicCache would hold for the same inputs (its sliding layers hold their window
         only), over all layers or (`include_sliding=False`) the global ones."""
         return sum(layer.full_cache_bytes() for layer in self.layers if include_sliding or not layer.is_sliding)
+
+    def sequence_bytes(self, padding: torch.Tensor) -> list[SequenceBytes]:
+        """Per batch row, what a cache of that sequence alone would report: a batch of left-padded prompts (`padding`:
+        [B], each row's pad columns) decoded together gives each prompt the figures it has decoded alone."""
+        kept_all, full_all, kept_global, full_global, memory = 0, 0, 0, 0, 0
+        for layer in self.layers:
+            kept, full, state = layer.sequence_bytes(padding)
+            kept_all, full_all, memory = kept_all + kept, full_all + full, memory + state
+            if not layer.is_sliding:
+                kept_global, full_global = kept_global + kept, full_global + full
+        return [
+            SequenceBytes(*(int(total[row]) for total in (kept_all, full_all, kept_global, full_global)), memory)
+            for row in range(len(padding))
+        ]
 
     def kept_positions(self) -> list[list[list[list[int]]]]:
         """Kept sequence positions per layer, batch row and KV head: `[layer][row][head] -> sorted list`."""

@@ -8,10 +8,17 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from modalkv.api import compiled_cache
-from modalkv.cache import CompressedCache
+from modalkv.cache import CompressedCache, SequenceBytes
 from modalkv.compat import CACHE_KWARG
 from modalkv.policy import PrefillInputs
 from modalkv.presses import FullPress, Press
@@ -42,13 +49,13 @@ class _StepClock(LogitsProcessor):
 
 @dataclass
 class SharedPrefill:
-    """One prompt's prefill, run once through the model and replayed for each press (`generate_timed(shared=)`):
-    every layer's prefill inputs (`CompressedCache.from_recorded_prefill` says why that is exact) and the prompt's
-    last logits, from which every press's first new token comes. A grid of many presses on one prompt then pays one
-    forward over the prompt instead of one per press."""
+    """A prompt's (or a left-padded batch of prompts') prefill, run once through the model and replayed for each
+    press (`generate_timed(shared=)`, `generate_shared`): every layer's prefill inputs (`CompressedCache.replay_prefill`
+    says why that is exact) and the prompts' last logits, from which every press's first new token comes. A grid of
+    many presses on one prompt then pays one forward over the prompt instead of one per press."""
 
     layers: list[PrefillInputs]
-    first_logits: torch.Tensor  # [1, vocab]
+    first_logits: torch.Tensor  # [B, vocab]
     seconds: float  # the model's forward over the prompt
 
 
@@ -74,11 +81,14 @@ def share_prefill(
     modality: torch.Tensor | None = None,
     patches: torch.Tensor | None = None,
 ) -> SharedPrefill | None:
-    """The prefill of one prompt (`inputs`: the model's keyword inputs; `modality`, `patches`: its maps), recorded for
-    replay; None where replaying could differ from running each press's own prefill: a batch, or a generation config
-    whose logits processors change greedy's first pick."""
+    """The prefill of a prompt (`inputs`: the model's keyword inputs; `modality`, `patches`: its maps) or of a
+    left-padded batch of token-id prompts, recorded for replay; None where replaying could differ from running each
+    press's own prefill: a generation config whose logits processors change greedy's first pick, or a padded batch of
+    multimodal inputs (their positions are the model's own affair)."""
     config = model.generation_config
-    if inputs.get("input_ids", inputs.get("inputs_embeds")).shape[0] != 1:
+    mask = inputs.get("attention_mask")
+    padded = mask is not None and not bool(mask.all())
+    if padded and set(inputs) != {"input_ids", "attention_mask"}:
         return None
     if any(getattr(config, name, None) not in neutral for name, neutral in _LOGITS_SETTINGS.items()):
         return None
@@ -86,20 +96,13 @@ def share_prefill(
     cache = CompressedCache(recorder, modality=modality, patches=patches, record_prefill=True)
     # generate() computes the prefill's logits for the last token only where the model can: so do we (same rounding)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    # left padding: positions count real tokens only, as generate() numbers them
+    positions = {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)} if padded else {}
     with recorder.attach(model), torch.no_grad():
         start = time.perf_counter()
-        logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
+        logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only, **positions).logits[:, -1]
         seconds = time.perf_counter() - start
     return SharedPrefill(cache.recorded_prefill, logits, seconds)
-
-
-def replays_prefill(press: Press) -> bool:
-    """Whether `press` (and any press it wraps) keeps a prefill from its inputs alone: KVzip runs the model itself."""
-    while press is not None:
-        if not press.replays_prefill:
-            return False
-        press = getattr(press, "press", None)
-    return True
 
 
 @dataclass
@@ -113,12 +116,13 @@ class GenerationResult:
     full_cache_bytes: int  # what transformers' own cache would hold for the same tokens (its sliding layers: windows)
     global_cache_bytes: int  # the same over the layers the press compresses (all, unless the model has sliding ones)
     global_full_cache_bytes: int
-    allocated_bytes: int  # bytes the storage allocated (kept + documented slack)
+    allocated_bytes: int  # bytes the storage allocated (kept + documented slack); a batch: this prompt's share
     memory_bytes: int  # a press's state beside the tokens (RetentiveKV's memories), not in cache_bytes
     prefill_seconds: float
     decode_ms_per_token: float | None  # median over decoded tokens; None with fewer than 2 new tokens
     compiled: bool = False  # decoded with a torch.compile'd forward
     shared_prefill: bool = False  # the model's prefill forward was shared with other presses (`SharedPrefill`)
+    batch: int = 1  # prompts decoded together (`generate_shared`): timings are the batch's, bytes this prompt's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,11 +143,12 @@ def generate_timed(
     prompt's modality map (default: from the model's image/video token ids). `compile`: decode compiled (the
     median step time then excludes the compilation, paid by the first steps, when enough tokens follow).
     `shared`: this prompt's recorded prefill (`share_prefill`), replayed instead of running the model's prefill again
-    (ignored for a press that `replays_prefill` says cannot); the prefill time is then the shared forward's plus the
-    press's own compression."""
+    (ignored for a press that cannot replay one: `Press.replays_prefill`); the prefill time is then the shared
+    forward's plus the press's own compression."""
     continues = set(inputs) <= {"input_ids", "attention_mask"}  # generate() goes on from token ids
-    if shared is not None and replays_prefill(press) and not compile and continues:
-        return _generate_from_shared(model, tokenizer, press, inputs, max_new_tokens, min_new_tokens, shared)
+    if shared is not None and press.replays_prefill and not compile and continues:
+        (result,) = generate_shared(model, tokenizer, press, inputs, max_new_tokens, min_new_tokens, shared)
+        return result
     cache = compiled_cache(press, max_new_tokens) if compile else CompressedCache(press)
     clock = _StepClock()
     start = time.perf_counter()
@@ -165,7 +170,7 @@ def generate_timed(
     return _result(tokenizer, press, cache, prompt_tokens, new_tokens, clock.times[0] - start, steps, compiled=compile)
 
 
-def _generate_from_shared(
+def generate_shared(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     press: Press,
@@ -173,41 +178,104 @@ def _generate_from_shared(
     max_new_tokens: int,
     min_new_tokens: int,
     shared: SharedPrefill,
-) -> GenerationResult:
-    """`generate_timed` on a shared prefill: the press compresses the recorded layers, the first new token is greedy's
-    pick from the recorded logits, and generate() continues from it on the compressed cache."""
+) -> list[GenerationResult]:
+    """Greedy generation of a prompt, or of a left-padded batch of prompts decoded together, on their shared prefill:
+    the press compresses the recorded layers, each row's first new token is greedy's pick from the recorded logits,
+    and generate() continues from them on the compressed cache. One result per row, each what that prompt decoded
+    alone reports: its text up to its end of sequence, its cache sizes when it stopped (`SequenceMeter`). A batch's
+    timings are the batch's: one prefill, and decoding steps that advance every row.
+
+    Rows are independent only for presses whose choices for a row do not depend on the others (`batch_invariant`).
+    """
     with press.using(model), torch.no_grad():
         start = time.perf_counter()
-        cache = CompressedCache.from_recorded_prefill(press, shared.layers)
+        cache = CompressedCache(press)
+        cache.replay_prefill(shared.layers)
         compress_seconds = time.perf_counter() - start
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     logits = shared.first_logits.clone()
     if min_new_tokens > 0 and eos:
         logits[:, eos] = float("-inf")
-    first = logits.argmax(-1, keepdim=True)  # [1, 1]
-    new_tokens, steps = first[0], []
-    if max_new_tokens > 1 and int(first) not in eos:
+    first = logits.argmax(-1, keepdim=True)  # [B, 1]
+    meter = SequenceMeter(cache, (mask == 0).sum(-1), eos, max_new_tokens)
+    meter(first, None)
+    new_tokens, steps = first, []
+    if not meter.done:
         clock = _StepClock()
-        ids = torch.cat([inputs["input_ids"], first], dim=1)
-        mask = torch.cat(
-            [inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])), torch.ones_like(first)], 1
-        )
         output = press.generate(
             model,
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=torch.cat([ids, first], dim=1),
+            attention_mask=torch.cat([mask, torch.ones_like(first)], dim=1),
             **{CACHE_KWARG: cache},
             max_new_tokens=max_new_tokens - 1,
             min_new_tokens=max(min_new_tokens - 1, 0),
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
+            stopping_criteria=StoppingCriteriaList([meter]),
             pad_token_id=tokenizer.pad_token_id,
         )
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        new_tokens = output[:, ids.shape[1] :]
+        meter.finish()
         steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
-    prompt_tokens, prefill_seconds = inputs["input_ids"].shape[1], shared.seconds + compress_seconds
-    return _result(tokenizer, press, cache, prompt_tokens, new_tokens, prefill_seconds, steps, shared_prefill=True)
+    prefill_seconds = shared.seconds + compress_seconds
+    return [
+        GenerationResult(
+            text=tokenizer.decode(row[:count], skip_special_tokens=True),
+            method=press.name,
+            budget=press.budget,
+            prompt_tokens=int(real),
+            generated_tokens=count,
+            cache_bytes=held.cache,
+            full_cache_bytes=held.full_cache,
+            global_cache_bytes=held.global_cache,
+            global_full_cache_bytes=held.global_full_cache,
+            allocated_bytes=cache.allocated_bytes() // len(ids),
+            memory_bytes=held.memory,
+            prefill_seconds=prefill_seconds,
+            decode_ms_per_token=1000 * statistics.median(steps) if steps else None,
+            shared_prefill=True,
+            batch=len(ids),
+        )
+        for row, count, held, real in zip(new_tokens, meter.generated, meter.bytes, mask.sum(-1), strict=True)
+    ]
+
+
+class SequenceMeter(StoppingCriteria):
+    """Watches a batch's generation after each new token and, for each row at the token that ends it (its end of
+    sequence, or the last one allowed), keeps how many tokens it generated and its bytes in the cache then (a cache
+    holds every token but the last generated): what that prompt, decoded alone, would end with. It stops nothing
+    itself; generate() goes on until every row is done."""
+
+    def __init__(self, cache: CompressedCache, padding: torch.Tensor, eos: list[int], max_new_tokens: int):
+        self.cache, self.padding, self.eos, self.max_new_tokens = cache, padding, eos, max_new_tokens
+        self.generated: list[int | None] = [None] * len(padding)
+        self.bytes: list[SequenceBytes | None] = [None] * len(padding)
+        self.count = 0
+
+    @property
+    def done(self) -> bool:
+        return all(n is not None for n in self.generated)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
+        self.count += 1
+        eos = torch.tensor(self.eos, dtype=input_ids.dtype, device=input_ids.device)
+        ended = torch.isin(input_ids[:, -1], eos).tolist()
+        last = self.count == self.max_new_tokens
+        self.record([r for r, n in enumerate(self.generated) if n is None and (ended[r] or last)])
+        return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+
+    def record(self, rows: list[int]) -> None:
+        if rows:
+            held = self.cache.sequence_bytes(self.padding)
+            for row in rows:
+                self.generated[row], self.bytes[row] = self.count, held[row]
+
+    def finish(self) -> None:
+        """Rows generate() stopped for a reason of its own (the model's longest position): where they are now."""
+        self.record([r for r, n in enumerate(self.generated) if n is None])
 
 
 def _result(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -65,6 +66,15 @@ def eval_command(
         list[str] | None,
         typer.Option("--task-option", "-t", help="TASK.OPTION=VALUE, e.g. passkey.lengths=1024,4096"),
     ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="examples of a generation task decoded together (left-padded, one shared prefill) by every method "
+            "whose batch rows are independent; records are those of one at a time, timings the batch's. Memory grows "
+            "with it: each batch's prefill is kept for all its methods",
+        ),
+    ] = 1,
 ) -> None:
     """Accuracy and fidelity of every method x budget on the tasks: one JSONL record each, resumable, and a table.
 
@@ -96,7 +106,7 @@ def eval_command(
                 stale.unlink()
     state.wait_for_everyone()  # run.json is written before any rank reads the record files
     done = {runner.record_key(r) for r in runner.read_records(out)}
-    work = runner.pending(loaded, presses, done, state.process_index, state.num_processes)
+    work = runner.pending(loaded, presses, done, state.process_index, state.num_processes, batch_size)
     records = runner.JsonlWriter(out / runner.RECORDS.format(rank=state.process_index))
     failed = runner.JsonlWriter(out / runner.FAILURES.format(rank=state.process_index), truncate=True)
     for failure in failures:
@@ -110,24 +120,25 @@ def eval_command(
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, disable=not state.is_main_process) as progress:
-        overall = progress.add_task(f"all (rank {state.process_index}/{state.num_processes})", total=len(work))
-        bars = {}
+        columns_left = Counter(example.task for item in work for example in item.examples)
+        overall = progress.add_task(
+            f"all (rank {state.process_index}/{state.num_processes})", total=columns_left.total()
+        )
+        bars = {column: progress.add_task(column, total=total) for column, total in columns_left.items()}
         for item in work:
-            if item.example.task not in bars:
-                total = sum(1 for w in work if w.example.task == item.example.task)
-                bars[item.example.task] = progress.add_task(item.example.task, total=total)
-        for item in work:
-            progress.update(
-                bars[item.example.task], description=f"{item.example.task}: {item.press.label()}@{item.press.budget:g}"
-            )
-            try:
-                records.write(runner.evaluate(lm, processor, item, state.process_index))
-            except ValueError as error:  # this example cannot run (an unreadable image, too long a prompt)
-                failed.write(
-                    dataclasses.asdict(Failure(item.example.task, item.example.id, f"{item.press.label()}: {error}"))
-                )
-            progress.advance(bars[item.example.task])
-            progress.advance(overall)
+            first = item.examples[0].task
+            together = f" x {len(item.examples)}" if len(item.examples) > 1 else ""
+            label = f"{first}: {item.press.label()}@{item.press.budget:g}{together}"
+            progress.update(bars[first], description=label)
+            for result in runner.evaluate(lm, processor, item, state.process_index):
+                if isinstance(result, Failure):
+                    failed.write(dataclasses.asdict(result))
+                    column = result.task
+                else:
+                    records.write(result)
+                    column = result["task"]
+                progress.advance(bars[column])
+                progress.advance(overall)
     records.close()
     failed.close()
     state.wait_for_everyone()

@@ -3,8 +3,10 @@
 Each process (rank k of n, from `accelerate launch` / `torchrun`, or 0 of 1) takes every n-th example of each task,
 starting at the k-th, runs every press on it, and appends one record per (task, example, method, budget) to its own
 `records.rank<k>.jsonl`. Finished records in any rank's file are skipped, so an interrupted run resumes where it
-stopped, with the same or another number of processes. `report.py` merges the files. Generation is greedy and a
-`random` press left without a seed gets seed 0, so a run gives the same records however it is split.
+stopped, with the same or another number of processes. `report.py` merges the files. With a batch size above 1,
+generation tasks decode that many examples together (left-padded, on one shared prefill) for every press whose rows
+are independent; each record is the one that example gets alone, only its timings are the batch's. Generation is
+greedy and a `random` press left without a seed gets seed 0, so a run gives the same records however it is split.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from modalkv.eval.tasks import Example, Failure, Task, task_options
+from modalkv.eval.tasks import Example, Failure, Outcome, Task, task_options
 from modalkv.presses import METHODS, Press, get_press
 
 RECORDS = "records.rank{rank}.jsonl"
@@ -88,41 +90,89 @@ def shard(examples: list[Example], rank: int, world_size: int) -> list[Example]:
 
 @dataclass
 class WorkItem:
+    """Examples of one task run with one press: one example, or a batch decoded together (`Task.evaluate_batch`)."""
+
     task: Task
-    example: Example
+    examples: list[Example]
     press: Press
 
 
 def pending(
-    loaded: list[tuple[Task, list[Example]]], presses: list[Press], done: set[tuple], rank: int, world_size: int
+    loaded: list[tuple[Task, list[Example]]],
+    presses: list[Press],
+    done: set[tuple],
+    rank: int,
+    world_size: int,
+    batch_size: int = 1,
 ) -> list[WorkItem]:
-    """The (example, press) pairs of this rank still to run, example by example (fidelity reuses its reference)."""
-    return [
-        WorkItem(task, example, press)
-        for task, examples in loaded
-        for example in shard(examples, rank, world_size)
-        for press in presses
-        if (example.task, example.id, press.label(), press.budget) not in done
-    ]
+    """The (examples, press) items of this rank still to run, batch by batch of `batch_size` examples: every press
+    of a batch before the next batch (fidelity reuses its reference, generation tasks their shared prefill). In a
+    batch, presses that decode rows together come first (`batch_invariant`); the others take the examples one by
+    one, after them."""
+    items = []
+    for task, examples in loaded:
+        mine = shard(examples, rank, world_size)
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
+            decoded_together = [batch_size > 1 and batchable(task, press) for press in presses]
+            for press in (p for p, flag in zip(presses, decoded_together, strict=True) if flag):
+                todo = [e for e in batch if (e.task, e.id, press.label(), press.budget) not in done]
+                if todo:
+                    items.append(WorkItem(task, todo, press))
+            alone = [p for p, flag in zip(presses, decoded_together, strict=True) if not flag]
+            for example in batch:
+                for press in alone:
+                    if (example.task, example.id, press.label(), press.budget) not in done:
+                        items.append(WorkItem(task, [example], press))
+    return items
 
 
-def evaluate(model: Any, processor: Any, item: WorkItem, rank: int) -> dict:
-    """Runs one work item and returns its record."""
-    start = time.perf_counter()
-    with torch.no_grad():
-        outcome = item.task.evaluate(model, processor, item.press, item.example)
+def batchable(task: Task, press: Press) -> bool:
+    """Whether `task` can run examples together with `press` (`evaluate_batch` may still decline a batch)."""
+    return hasattr(task, "evaluate_batch") and press.batch_invariant and press.replays_prefill
+
+
+def evaluate(model: Any, processor: Any, item: WorkItem, rank: int) -> list[dict | Failure]:
+    """Runs one work item: a record per example, or a Failure for an example that cannot run (an unreadable image, too
+    long a prompt). A batch the task declines, or one that fails, runs one example at a time."""
+    if len(item.examples) > 1:
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                outcomes = item.task.evaluate_batch(model, processor, item.press, item.examples)
+        except ValueError:
+            outcomes = None  # which example failed, and why: one by one
+        if outcomes is not None:
+            seconds = (time.perf_counter() - start) / len(item.examples)
+            pairs = zip(item.examples, outcomes, strict=True)
+            return [record(item, example, outcome, seconds, rank) for example, outcome in pairs]
+    results: list[dict | Failure] = []
+    for example in item.examples:
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                outcome = item.task.evaluate(model, processor, item.press, example)
+        except ValueError as error:
+            results.append(Failure(example.task, example.id, f"{item.press.label()}: {error}"))
+            continue
+        results.append(record(item, example, outcome, time.perf_counter() - start, rank))
+    return results
+
+
+def record(item: WorkItem, example: Example, outcome: Outcome, seconds: float, rank: int) -> dict:
+    """The JSONL record of one example's outcome. `seconds`: its wall time (a batch's: its share)."""
     return {
-        "task": item.example.task,
-        "example": item.example.id,
+        "task": example.task,
+        "example": example.id,
         "method": item.press.label(),
         "budget": item.press.budget,
         "score": outcome.score,
         "metrics": outcome.metrics,
         "prediction": outcome.prediction,
-        "reference": item.example.reference,
+        "reference": example.reference,
         "in_average": item.task.in_average,
         "prompt_tokens": outcome.prompt_tokens,
-        "images": len(item.example.images),
+        "images": len(example.images),
         "image_input": outcome.image_input,
         "cache_bytes": outcome.cache_bytes,
         "full_cache_bytes": outcome.full_cache_bytes,
@@ -133,8 +183,9 @@ def evaluate(model: Any, processor: Any, item: WorkItem, rank: int) -> dict:
         "prefill_seconds": outcome.prefill_seconds,
         "shared_prefill": outcome.shared_prefill,
         "decode_ms_per_token": outcome.decode_ms_per_token,
-        "seconds": time.perf_counter() - start,
-        "info": item.example.info,
+        "batch": outcome.batch,
+        "seconds": seconds,
+        "info": example.info,
         "rank": rank,
     }
 

@@ -44,7 +44,7 @@ from modalkv.api import check_prompt_length
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
 from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, Outcome, encode_example, tokenizer_of
-from modalkv.generation import SharedPrefill, replays_prefill, share_prefill
+from modalkv.generation import SharedPrefill, share_prefill
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
 from modalkv.presses.full import FullPress
@@ -196,9 +196,10 @@ def option_log_likelihoods(
     device = prompt.device
     with press.attach(model):
         start = time.perf_counter()
-        replayed = shared is not None and replays_prefill(press)
+        replayed = shared is not None and press.replays_prefill
         if replayed:
-            cache = CompressedCache.from_recorded_prefill(press, shared.layers)
+            cache = CompressedCache(press)
+            cache.replay_prefill(shared.layers)
             logits = shared.first_logits
             prefill_seconds = shared.seconds + time.perf_counter() - start
         else:

@@ -19,7 +19,14 @@ from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_typ
 import torch
 from transformers import PreTrainedModel
 
-from modalkv.generation import SharedPrefill, encode_prompt, generate_timed, share_prefill
+from modalkv.generation import (
+    GenerationResult,
+    SharedPrefill,
+    encode_prompt,
+    generate_shared,
+    generate_timed,
+    share_prefill,
+)
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
 
@@ -69,6 +76,7 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)  # secondary numbers (e.g. fidelity's KL)
     image_input: str = "none"  # "none", "processor" or "stand-in" (text-only model: images replaced by IMAGE_STANDIN)
     shared_prefill: bool = False  # the model's prefill forward was shared with the example's other presses
+    batch: int = 1  # examples decoded together (`evaluate_batch`): the timings are the batch's
 
 
 class Task(Protocol):
@@ -94,7 +102,7 @@ class GenerationTask:
         inputs, modality, image_input = encode_example(model, processor, example)
         inputs = {key: value.to(model.device) for key, value in inputs.items()}
         modality = None if modality is None else modality.to(model.device)
-        shared = self.shared_prefill(model, example, inputs) if image_input != "processor" else None
+        shared = self.shared_prefill(model, [example], inputs) if image_input != "processor" else None
         result = generate_timed(
             model,
             tokenizer_of(processor),
@@ -105,6 +113,37 @@ class GenerationTask:
             modality=modality,
             shared=shared,
         )
+        return self.outcome(result, example, image_input)
+
+    def evaluate_batch(
+        self, model: PreTrainedModel, processor: Any, press: Press, examples: list[Example]
+    ) -> list[Outcome] | None:
+        """`examples` decoded together, left-padded, on one shared prefill (`generate_shared`): each Outcome is the
+        one `evaluate` gives that example alone, with the batch's timings. None where they cannot be decoded together:
+        a press whose rows depend on each other or whose prefill cannot be replayed, images given through a
+        processor, or examples asking for different answer lengths."""
+        if not (press.batch_invariant and press.replays_prefill):
+            return None
+        if len({example.max_new_tokens for example in examples}) != 1:
+            return None
+        encoded = [encode_example(model, processor, example) for example in examples]
+        if any(image_input == "processor" for _, _, image_input in encoded):
+            return None
+        tokenizer = tokenizer_of(processor)
+        inputs = left_padded([ids for ids, _, _ in encoded], tokenizer.pad_token_id or 0)
+        inputs = {key: value.to(model.device) for key, value in inputs.items()}
+        shared = self.shared_prefill(model, examples, inputs)
+        if shared is None:
+            return None
+        results = generate_shared(
+            model, tokenizer, press, inputs, examples[0].max_new_tokens, min_new_tokens=1, shared=shared
+        )
+        return [
+            self.outcome(result, example, image_input)
+            for result, example, (_, _, image_input) in zip(results, examples, encoded, strict=True)
+        ]
+
+    def outcome(self, result: GenerationResult, example: Example, image_input: str) -> Outcome:
         prediction = result.text.strip()
         return Outcome(
             prediction=prediction,
@@ -118,19 +157,33 @@ class GenerationTask:
             decode_ms_per_token=result.decode_ms_per_token,
             image_input=image_input,
             shared_prefill=result.shared_prefill,
+            batch=result.batch,
         )
 
     def shared_prefill(
-        self, model: PreTrainedModel, example: Example, inputs: dict[str, torch.Tensor]
+        self, model: PreTrainedModel, examples: list[Example], inputs: dict[str, torch.Tensor]
     ) -> SharedPrefill | None:
-        """The example's text prompt prefilled once for all the presses the runner takes on it in a row: only the
-        latest example's is kept (the runner's order: every press of one example, then the next)."""
+        """The examples' text prompts (one, or a left-padded batch) prefilled once for all the presses the runner
+        takes on them in a row: only the latest one is kept (the runner's order: every press of one example or
+        batch, then the next)."""
         memo = self.__dict__.setdefault("_shared_prefills", {})
-        key = (example.task, example.id)
+        key = tuple((example.task, example.id) for example in examples)
         if key not in memo:
             memo.clear()
             memo[key] = share_prefill(model, inputs)
         return memo[key]
+
+
+def left_padded(prompts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One-row token-id inputs as a left-padded batch, as generate() pads: the padding masked out."""
+    width = max(prompt["input_ids"].shape[1] for prompt in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        length = prompt["input_ids"].shape[1]
+        ids[row, width - length :] = prompt["input_ids"][0]
+        mask[row, width - length :] = 1 if "attention_mask" not in prompt else prompt["attention_mask"][0]
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def tokenizer_of(processor: Any) -> Any:

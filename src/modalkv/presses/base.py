@@ -63,6 +63,7 @@ class Press:
     needs_decode_attention: ClassVar[bool] = False  # observe() / decode_scores() read DecodeView.attention
     absorbs_leaving: ClassVar[bool] = False  # absorb() sees each token leaving while decoding
     replays_prefill: ClassVar[bool] = True  # select() needs only its inputs (a recorded prefill can be replayed)
+    batch_invariant: ClassVar[bool] = True  # a batch row keeps what it would keep alone (not so for random draws)
     keeps_running_scores: ClassVar[bool] = False  # score() is also the running score stored per token ("scores")
     decode_fill: ClassVar[dict[str, float]] = {}  # per-slot data of decoded tokens other than 0 (Selection.slot_data)
 
@@ -229,6 +230,15 @@ class WrapperPress(Press):
 
     def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
         return self.press.using(model)
+
+    # A wrapper only counts per head or chunk, row by row: what its inner press cannot do, it cannot either.
+    @property
+    def replays_prefill(self) -> bool:
+        return self.press.replays_prefill
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.press.batch_invariant
 
     def label(self) -> str:
         """'<name>:<inner label>' with the wrapper's own parameters that differ from their defaults."""

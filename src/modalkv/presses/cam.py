@@ -35,6 +35,7 @@ class CAMPress(StreamingLLMPress):
     name = "cam"
     needs_decode_attention = True
     absorbs_leaving = True
+    batch_invariant = False  # its merge draws come from one generator over the batch
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -21,6 +21,7 @@ class RandomPress(Press):
 
     seed: int | None = None
     name = "random"
+    batch_invariant = False  # one draw over the whole batch
 
     def __post_init__(self) -> None:
         super().__post_init__()

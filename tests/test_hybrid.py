@@ -306,3 +306,28 @@ def test_a_shared_prefill_replays_sliding_layers_and_sinks_exactly(arch, method)
     torch.testing.assert_close(logits["replayed"], logits["own"], rtol=0, atol=0)
     assert replayed.kept_positions() == own.kept_positions()
     assert replayed.cache_bytes() == own.cache_bytes() and replayed.full_cache_bytes() == own.full_cache_bytes()
+
+
+@pytest.mark.parametrize("method", ["snapkv", "retentivekv"])
+def test_prompts_decoded_together_on_a_shared_prefill_each_hold_their_own_bytes(arch, method):
+    """A left-padded batch (generation.generate_shared): each prompt's text and bytes are those it has alone, sliding
+    windows and sinks included; the shorter prompt's window holds only its own tokens."""
+    from eval_tiny import tiny_tokenizer
+
+    from modalkv.generation import generate_shared, generate_timed, share_prefill
+
+    _, model = arch
+    prompts = [prompt(seq=40, seed=3), prompt(seq=26, seed=4)]
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, 40 - p.shape[1] :], mask[row, 40 - p.shape[1] :] = p, 1
+    tokenizer = tiny_tokenizer()
+    press = get_press(method, budget=0.5, window_size=4)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    together = generate_shared(model, tokenizer, press, batch, 5, 1, share_prefill(model, batch))
+    for mine, p in zip(together, prompts, strict=True):
+        alone = generate_timed(model, tokenizer, press, {"input_ids": p}, max_new_tokens=5, min_new_tokens=1)
+        assert mine.text == alone.text and mine.prompt_tokens == p.shape[1]
+        for field in ("cache_bytes", "full_cache_bytes", "global_cache_bytes", "global_full_cache_bytes"):
+            assert getattr(mine, field) == getattr(alone, field), field

@@ -4,6 +4,7 @@ memory in fresh processes, the largest batch under a limit)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -191,6 +192,7 @@ def bench_command(
         capacity = measure_capacity(model, dtype, tokenizer, presses, lengths, decode_tokens, memory_limit)
     out.mkdir(parents=True, exist_ok=True)
     record = {
+        "command": "modalkv bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "model": model,
         "dtype": dtype,
         "threads": torch.get_num_threads(),

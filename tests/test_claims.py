@@ -1,0 +1,46 @@
+"""tools/claims.py: the claims page is what the shipped records and benchmark files give, and its verdicts follow
+the paired tests."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import claims  # noqa: E402
+
+
+def records(method: str, budget: float, scores: list[float]) -> list[dict]:
+    return [
+        {
+            "task": "passkey",
+            "example": f"e{i}",
+            "method": method,
+            "budget": budget,
+            "score": score,
+            "in_average": True,
+            "cache_ratio": budget,
+        }
+        for i, score in enumerate(scores)
+    ]
+
+
+def test_the_shipped_page_is_what_the_files_give():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "claims.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_verdicts_follow_the_paired_tests():
+    full = records("full", 1.0, [1.0] * 30)
+    snapkv = records("snapkv", 0.2, [0.0] * 30)
+    lost = claims.accuracy("run", full + snapkv + records("madakv", 0.2, [0.0] * 10 + [1.0] * 20), "madakv", 0.2)
+    assert lost.examples == 30 and lost.p_full < 0.05 and lost.difference < 0
+    assert lost.verdict == "below full; above snapkv"
+    kept = claims.accuracy("run", full + snapkv + records("madakv", 0.2, [1.0] * 29 + [0.0]), "madakv", 0.2)
+    assert kept.verdict == "not distinguishable from full; above snapkv"
+    few = claims.accuracy("run", records("full", 1.0, [1.0] * 3) + records("madakv", 0.2, [0.0] * 3), "madakv", 0.2)
+    assert few.verdict == "too few examples to decide (n=3)"
+    assert claims.accuracy("run", full, "madakv", 0.2) is None

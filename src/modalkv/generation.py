@@ -5,9 +5,10 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -83,26 +84,59 @@ def share_prefill(
 ) -> SharedPrefill | None:
     """The prefill of a prompt (`inputs`: the model's keyword inputs; `modality`, `patches`: its maps) or of a
     left-padded batch of token-id prompts, recorded for replay; None where replaying could differ from running each
-    press's own prefill: a generation config whose logits processors change greedy's first pick, or a padded batch of
-    multimodal inputs (their positions are the model's own affair)."""
-    config = model.generation_config
-    mask = inputs.get("attention_mask")
-    padded = mask is not None and not bool(mask.all())
-    if padded and set(inputs) != {"input_ids", "attention_mask"}:
+    press's own prefill: a generation config whose logits processors change greedy's first pick, or a batch of other
+    inputs than token ids.
+
+    A batch is prefilled one prompt at a time, without its padding, and recorded left-padded (zeros, `is_real`
+    False): each row is then exactly its prompt's own prefill, and no [B, H, S, S] attention is ever formed (on a
+    CPU a batched prefill is no faster: it is compute-bound)."""
+    if any(getattr(model.generation_config, name, None) not in neutral for name, neutral in _LOGITS_SETTINGS.items()):
         return None
-    if any(getattr(config, name, None) not in neutral for name, neutral in _LOGITS_SETTINGS.items()):
-        return None
+    ids = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if ids.shape[0] > 1:
+        if set(inputs) - {"input_ids", "attention_mask"} or modality is not None or patches is not None:
+            return None
+        mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        prompts = [row[real][None] for row, real in zip(ids, mask, strict=True)]
+        rows = [_record_prefill(model, {"input_ids": p, "attention_mask": torch.ones_like(p)}) for p in prompts]
+        width = ids.shape[1]
+        layers = [_left_padded(parts, width) for parts in zip(*(row.layers for row in rows), strict=True)]
+        logits = torch.cat([row.first_logits for row in rows])
+        return SharedPrefill(layers, logits, sum(row.seconds for row in rows))
+    return _record_prefill(model, inputs, modality, patches)
+
+
+def _record_prefill(
+    model: PreTrainedModel,
+    inputs: dict[str, torch.Tensor],
+    modality: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
+) -> SharedPrefill:
     recorder = FullPress()
     cache = CompressedCache(recorder, modality=modality, patches=patches, record_prefill=True)
     # generate() computes the prefill's logits for the last token only where the model can: so do we (same rounding)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    # left padding: positions count real tokens only, as generate() numbers them
-    positions = {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)} if padded else {}
     with recorder.attach(model), torch.no_grad():
         start = time.perf_counter()
-        logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only, **positions).logits[:, -1]
+        logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
         seconds = time.perf_counter() - start
     return SharedPrefill(cache.recorded_prefill, logits, seconds)
+
+
+def _left_padded(rows: tuple[PrefillInputs, ...], width: int) -> PrefillInputs:
+    """One layer's prefill inputs of single prompts as a left-padded batch `width` columns wide."""
+
+    def pad(tensor: torch.Tensor, dim: int, value: float | bool = 0) -> torch.Tensor:
+        widths = [0, 0] * (tensor.dim() - 1 - dim) + [width - tensor.shape[dim], 0]
+        return F.pad(tensor, widths, value=value)
+
+    return replace(
+        rows[0],
+        queries=torch.cat([pad(row.queries, 2) for row in rows]),
+        keys=torch.cat([pad(row.keys, 2) for row in rows]),
+        values=torch.cat([pad(row.values, 2) for row in rows]),
+        is_real=torch.cat([pad(row.is_real, 1, False) for row in rows]),
+    )
 
 
 @dataclass

@@ -37,6 +37,7 @@ JSON_KEYS = {
     "decode_ms_per_token",
     "compiled",
     "shared_prefill",
+    "batch",
 }
 
 _loaded: dict = {}

@@ -94,7 +94,9 @@ def test_grid_records_failures_and_summary(base_run):
     assert "milebench/TextNeedleInAHaystack" in result.stdout and "fidelity kl" in result.stdout
 
 
-def test_resume_skips_finished_records_and_redoes_only_the_missing(tiny, base_run, tmp_path, count_evaluations):
+def test_resume_skips_finished_records_and_redoes_only_the_missing(
+    tiny, base_run, tmp_path, count_evaluations, monkeypatch
+):
     run = copy_of(base_run[0], tmp_path)
     first = lines(run)
     assert run_eval(tiny, run).exit_code == 0
@@ -108,8 +110,12 @@ def test_resume_skips_finished_records_and_redoes_only_the_missing(tiny, base_ru
     assert comparable(runner.read_records(run), deterministic) == comparable(first, deterministic)
     # A new method runs only its own cells; `full` and the others are not run again.
     count_evaluations.clear()
+    monkeypatch.setattr(sys, "argv", ["modalkv", *eval_args(tiny, run, "full,streaming_llm,snapkv,knorm")])
     assert run_eval(tiny, run, "full,streaming_llm,snapkv,knorm").exit_code == 0
     assert len(count_evaluations) == EXAMPLES
+    # run.json lists both invocations (the same one once), and so does the results page
+    commands = json.loads((run / "run.json").read_text())["commands"]
+    assert len(commands) == 2 and "--methods full,streaming_llm,snapkv,knorm" in commands[1]
 
 
 def test_a_batched_run_writes_the_records_of_one_example_at_a_time(tiny, base_run, tmp_path):

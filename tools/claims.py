@@ -181,8 +181,8 @@ def speed_table(method: str, claim: tuple[float, float]) -> list[str]:
 def commands(runs: dict[str, list[dict]]) -> list[str]:
     lines = []
     for run, _ in RUNS:
-        command = json.loads((ROOT / "docs" / "runs" / run / RUN_FILE).read_text())["command"]
-        lines.append(f"- `docs/runs/{run}`: `{command}`")
+        for command in json.loads((ROOT / "docs" / "runs" / run / RUN_FILE).read_text())["commands"]:
+            lines.append(f"- `docs/runs/{run}`: `{command}`")
     return lines
 
 

@@ -93,7 +93,7 @@ def eval_command(
         if options:
             raise ValueError(f"options for tasks that are not run: {', '.join(options)}")
         command = "modalkv eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
-        runner.check_run(out, {"model": model, "dtype": dtype, "command": command}, built, state.is_main_process)
+        runner.check_run(out, {"model": model, "dtype": dtype, "commands": [command]}, built, state.is_main_process)
         with console.status(f"loading {model}"):
             lm, processor = load_model(model, dtype=parse_dtype(dtype), device=state.device)
         with console.status("loading the tasks"):

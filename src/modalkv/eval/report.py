@@ -327,7 +327,7 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
             f"Model `{run.get('model')}` ({run.get('dtype')}), made with:",
             "",
             "```bash",
-            run.get("command", ""),
+            *run.get("commands", []),
             "```",
             "",
         ]

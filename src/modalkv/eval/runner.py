@@ -209,7 +209,8 @@ class JsonlWriter:
 
 def check_run(out: Path, run: dict, tasks: list[Task], write: bool) -> None:
     """Records what this run is (`run.json`); refuses to resume a folder made with another model or task options,
-    whose records would be summarised together with these. Methods, budgets and --limit may change."""
+    whose records would be summarised together with these. Methods, budgets and --limit may change: `commands`
+    lists every invocation that ran in the folder, in order."""
     run = {**run, "tasks": {task.name: task_options(task) for task in tasks}}
     path = out / RUN_FILE
     if path.exists():
@@ -226,6 +227,8 @@ def check_run(out: Path, run: dict, tasks: list[Task], write: bool) -> None:
                     "use another --out"
                 )
         run["tasks"] = {**previous.get("tasks", {}), **run["tasks"]}
+        earlier = previous.get("commands", [previous["command"]] if "command" in previous else [])  # older files
+        run["commands"] = earlier + [command for command in run["commands"] if command not in earlier]
     if write:
         out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -80,7 +80,9 @@ class Outcome:
 
 
 class Task(Protocol):
-    """The contract the runner relies on; `GenerationTask` implements `evaluate` for generate-then-score tasks."""
+    """The contract the runner relies on; `GenerationTask` implements `evaluate` for generate-then-score tasks. A task
+    that can decode several examples together also has `evaluate_batch(model, processor, press, examples)`, giving
+    each example's Outcome as `evaluate` would, or None where it cannot (the runner then takes them one by one)."""
 
     name: ClassVar[str]
     in_average: ClassVar[bool]  # whether its score counts in the summary's average (accuracy-like tasks only)

@@ -36,11 +36,11 @@ def test_the_shipped_page_is_what_the_files_give():
 def test_verdicts_follow_the_paired_tests():
     full = records("full", 1.0, [1.0] * 30)
     snapkv = records("snapkv", 0.2, [0.0] * 30)
-    lost = claims.accuracy("run", full + snapkv + records("madakv", 0.2, [0.0] * 10 + [1.0] * 20), "madakv", 0.2)
+    lost = claims.accuracy(full + snapkv + records("madakv", 0.2, [0.0] * 10 + [1.0] * 20), "madakv", 0.2)
     assert lost.examples == 30 and lost.p_full < 0.05 and lost.difference < 0
     assert lost.verdict == "below full; above snapkv"
-    kept = claims.accuracy("run", full + snapkv + records("madakv", 0.2, [1.0] * 29 + [0.0]), "madakv", 0.2)
+    kept = claims.accuracy(full + snapkv + records("madakv", 0.2, [1.0] * 29 + [0.0]), "madakv", 0.2)
     assert kept.verdict == "not distinguishable from full; above snapkv"
-    few = claims.accuracy("run", records("full", 1.0, [1.0] * 3) + records("madakv", 0.2, [0.0] * 3), "madakv", 0.2)
+    few = claims.accuracy(records("full", 1.0, [1.0] * 3) + records("madakv", 0.2, [0.0] * 3), "madakv", 0.2)
     assert few.verdict == "too few examples to decide (n=3)"
-    assert claims.accuracy("run", full, "madakv", 0.2) is None
+    assert claims.accuracy(full, "madakv", 0.2) is None

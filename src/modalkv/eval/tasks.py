@@ -124,7 +124,7 @@ class GenerationTask:
         one `evaluate` gives that example alone, with the batch's timings. None where they cannot be decoded together:
         a press whose rows depend on each other or whose prefill cannot be replayed, images given through a
         processor, or examples asking for different answer lengths."""
-        if not (press.batch_invariant and press.replays_prefill):
+        if not decodes_together(press):
             return None
         if len({example.max_new_tokens for example in examples}) != 1:
             return None
@@ -174,6 +174,12 @@ class GenerationTask:
             memo.clear()
             memo[key] = share_prefill(model, inputs)
         return memo[key]
+
+
+def decodes_together(press: Press) -> bool:
+    """Whether `press` decodes a batch on one shared prefill as each row alone: its rows are independent and its
+    prefill can be replayed."""
+    return press.batch_invariant and press.replays_prefill
 
 
 def left_padded(prompts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:

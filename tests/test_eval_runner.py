@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from modalkv import cli, get_press
 from modalkv.eval import report, runner
 from modalkv.eval.tasks import build_task
-from modalkv.presses import METHODS
+from modalkv.presses import METHODS, parse_method, split_methods
 
 FIXTURE = Path(__file__).parent / "fixtures" / "milebench"
 TASK_OPTIONS = [
@@ -170,6 +170,11 @@ def test_report_rebuilds_table_figures_and_page_from_jsonl(base_run, tmp_path):
             if r["method"] == "full" and r["task"] == "passkey" and r["info"]["length"] == length
         ]
         assert full["scores"][f"passkey/{length}"] == pytest.approx(sum(r["score"] for r in records) / len(records))
+        every = [r["prompt_tokens"] for r in runner.read_records(run) if r["info"].get("length") == length]
+        assert summary["prompt_tokens"][f"passkey/{length}"] == [min(every), max(every)]
+        assert f"passkey/{length} {min(every):,}-{max(every):,}" in text
+    spent = sum(r["seconds"] for r in runner.read_records(run))
+    assert summary["seconds"] == pytest.approx(spent) and f"{spent / 60:,.1f} min" in text
     assert "fidelity" not in summary["averaged"] and {"passkey/64", "passkey/128"} <= set(summary["averaged"])
     assert "## Paired comparisons" in text and "| snapkv | 0.5 | full |" in text
     assert "| streaming_llm | 0.5 | snapkv@0.5 |" in text
@@ -225,6 +230,25 @@ def test_presses_of_a_grid():
     assert ("streaming_llm", 0.5) in labels
     with pytest.raises(ValueError, match="takes the parameter"):
         runner.make_presses(["full", "streaming_llm"], [0.5], {"window_size": 8})
+
+
+def test_a_method_may_carry_its_own_parameters_as_its_label_writes_them():
+    specs = split_methods("snapkv, madakv(ends=1, mpa=false),retentivekv(readout=False),madakv")
+    assert specs == ["snapkv", "madakv(ends=1, mpa=false)", "retentivekv(readout=False)", "madakv"]
+    presses = runner.make_presses(specs, [0.2], {"window_size": 8, "theta": 0.5})
+    labels = [p.label() for p in presses]
+    assert labels == [
+        "snapkv(window_size=8)",
+        "madakv(window_size=8, theta=0.5, mpa=False, ends=1)",
+        "retentivekv(window_size=8, readout=False)",
+        "madakv(window_size=8, theta=0.5)",
+    ]
+    again = runner.make_presses(split_methods(",".join(labels)), [0.2], {})  # a label reads back as itself
+    assert [p.label() for p in again] == labels
+    assert parse_method("chunkkv:snapkv(chunk_length=8)") == ("chunkkv:snapkv", {"chunk_length": 8})
+    for bad, message in [("madakv(ends=1", "unbalanced"), ("madakv(ends)", "key=value"), ("madakv(x=1)", "x")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            runner.make_presses(split_methods(bad), [0.2], {})
 
 
 def test_all_is_every_registered_method():

@@ -88,11 +88,12 @@ def test_text_only_mpa_is_plain_top_k():
     window=st.integers(1, 8),
     image_share=st.floats(0, 1),
     seed=st.integers(0, 1000),
+    ends=st.sampled_from([0.0, 1.0, 3.0]),
 )
-def test_hcc_keeps_exactly_the_budget_over_all_layers_and_heads(seq, budget, layers, window, image_share, seed):
+def test_hcc_keeps_exactly_the_budget_over_all_layers_and_heads(seq, budget, layers, window, image_share, seed, ends):
     gen = torch.Generator().manual_seed(seed)
     modality = (torch.rand(1, seq, generator=gen) < image_share).long() * IMAGE
-    press = get_press("madakv", budget=budget, window_size=window)
+    press = get_press("madakv", budget=budget, window_size=window, ends=ends)
     state: dict = {}
     kept = 0
     for layer in range(layers):
@@ -110,7 +111,31 @@ def test_hcc_keeps_exactly_the_budget_over_all_layers_and_heads(seq, budget, lay
     assert kept == layers * 2 * target
 
 
-@pytest.mark.parametrize("params", [{}, {"mpa": False}, {"hcc": False}, {"literal_hcc": True}])
+@pytest.mark.parametrize("hcc", [True, False])
+def test_ends_gives_the_first_and_last_layers_more(hcc):
+    """`ends` moves budget from the middle layers to the first and last ones, the total unchanged. HCC off: the
+    shares themselves. HCC on: each layer's share caps what its demand may take (at twice the share), so the first
+    layer takes more; here every layer's demand exceeds its cap and later ones get what is left."""
+    layers, seq = 5, 64
+    kept = {}
+    for ends in (0.0, 2.0):
+        press = get_press("madakv", budget=0.25, window_size=4, ends=ends, hcc=hcc, mpa=False)
+        state: dict = {}
+        kept[ends] = []
+        for layer in range(layers):
+            inputs = make_inputs(seq=seq, seed=0, num_layers=layers, layer_idx=layer)
+            inputs.state = state
+            kept[ends].append(int(press.select(inputs).lengths.sum()))
+    flat, ends = kept[0.0], kept[2.0]
+    assert abs(sum(ends) - sum(flat)) <= (0 if hcc else layers)
+    assert ends[0] > flat[0]
+    if not hcc:
+        assert ends[-1] > flat[-1] and ends[2] < flat[2]
+    with pytest.raises(ValueError, match="ends must be"):
+        get_press("madakv", budget=0.25, ends=1.0, literal_hcc=True)
+
+
+@pytest.mark.parametrize("params", [{}, {"mpa": False}, {"hcc": False}, {"literal_hcc": True}, {"ends": 1.0}])
 def test_generate_end_to_end_with_a_modality_map(model, prompt, params):
     modality = torch.zeros_like(prompt)
     modality[0, 5:30] = IMAGE

@@ -75,7 +75,7 @@ def test_processor_marks_exactly_the_image_tokens_on_row_major_grids(vlm):
 
 
 def test_processor_at_448_px_has_14x14_grids(vlm):
-    processor = MiniVLMProcessor(vlm[1].tokenizer, image_size=448)
+    processor = MiniVLMProcessor(vlm[1].tokenizer, vlm[1].image_token_id, image_size=448)
     batch = processor(text=chat(processor, 1), images=[load_photo("cat")])
     visual = batch["patches"][0][batch["modality"][0] == IMAGE]
     assert len(visual) == 196 and visual[:, 1].max() == 13 and visual[:, 2].max() == 13
@@ -101,7 +101,7 @@ def test_full_and_budget_one_generate_exactly_the_uncompressed_tokens(vlm):
         assert torch.equal(press.generate(model, **batch, max_new_tokens=6, do_sample=False), reference), press.name
 
 
-@pytest.mark.parametrize("method", ["snapkv", "madakv"])
+@pytest.mark.parametrize("method", ["snapkv", "madakv", "expected_attention"])  # the last reads the LM's decoder
 def test_compressed_cache_generates_from_the_processor_maps(vlm, method):
     model, processor = vlm
     batch = processor(

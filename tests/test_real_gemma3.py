@@ -83,3 +83,28 @@ def test_the_command_line_takes_it_by_name(gemma3, tmp_path) -> None:
     assert record["prompt_tokens"] == len(tokenizer(prompt.read_text(), add_special_tokens=False).input_ids)
     assert 0.19 <= record["global_cache_bytes"] / record["global_full_cache_bytes"] <= 0.22
     assert record["cache_bytes"] / record["full_cache_bytes"] > 0.5
+
+
+def test_the_gemma3_mini_vlm_reads_patches_as_words_and_finds_a_needle_among_pictures() -> None:
+    """mini-vlm-gemma3: the `<unused0>` placeholder, a BOS on raw prompts, each patch the full-size embedding of a
+    class's head word (Gemma's scaled embedding, as the LM writes the word), and a haystack pass key read with the
+    full cache and with MadaKV at 0.5."""
+    from modalkv.eval.haystack import HaystackTask
+    from modalkv.eval.tasks import encode_example
+    from modalkv.vlm.projector import class_names
+
+    model, processor = load_model("mini-vlm-gemma3")
+    tokenizer = processor.tokenizer
+    assert processor.image_token_id == model.config.image_token_id == tokenizer.convert_tokens_to_ids("<unused0>")
+    assert model.config.name_or_path == "mini-vlm-gemma3" and model.get_decoder() is model.language_model.model
+    words = [tokenizer(" " + name.split(", ")[0], add_special_tokens=False).input_ids[-1] for name in class_names()]
+    with torch.no_grad():
+        written = model.language_model.get_input_embeddings()(torch.tensor(words)).float()
+    torch.testing.assert_close(model.projector.name_embeddings, written)
+    task = HaystackTask(tokens=1000, samples=1, families=("needle",))
+    (example,), _ = task.load(processor)
+    inputs, modality, _ = encode_example(model, processor, example)
+    assert inputs["input_ids"][0, 0] == tokenizer.bos_token_id and modality.sum() == 49 * len(example.images)
+    for method, budget in (("full", 1.0), ("madakv", 0.5)):
+        outcome = task.evaluate(model, processor, get_press(method, budget=budget), example)
+        assert outcome.score == 1.0, (method, outcome.prediction, example.reference)

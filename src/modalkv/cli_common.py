@@ -21,20 +21,14 @@ def parse_budget(text: str) -> float | int:
 
 def parse_params(items: list[str] | None) -> dict[str, bool | int | float | str]:
     """['kernel_size=7', 'pooling=max', 'evict_every=0'] -> {'kernel_size': 7, 'pooling': 'max', ...}."""
+    from modalkv.presses import parse_value
+
     params: dict[str, bool | int | float | str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"method parameters are KEY=VALUE, got {item!r}")
-        if value.lower() in ("true", "false"):
-            params[key] = value.lower() == "true"
-            continue
-        for kind in (int, float):
-            try:
-                params[key] = kind(value)
-                break
-            except ValueError:
-                params[key] = value
+        params[key] = parse_value(value)
     return params
 
 

@@ -123,6 +123,32 @@ def _record_prefill(
     return SharedPrefill(cache.recorded_prefill, logits, seconds)
 
 
+@torch.no_grad()
+def prefill_cache(
+    model: PreTrainedModel,
+    press: Press,
+    inputs: dict[str, torch.Tensor],
+    modality: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
+    shared: SharedPrefill | None = None,
+) -> tuple[CompressedCache, torch.Tensor, float, bool]:
+    """A prompt prefilled into a new cache of `press` (attached to `model` by the caller): replayed from `shared`
+    where the press allows, else the model's own prefill on `inputs` (its keyword inputs, without the maps).
+
+    Returns:
+        (the cache, the last position's logits [B, vocab], the prefill's seconds (a replay counts the recorded
+        forward's), whether it was replayed).
+    """
+    start = time.perf_counter()
+    if shared is not None and press.replays_prefill:
+        cache = CompressedCache(press)
+        cache.replay_prefill(shared.layers)
+        return cache, shared.first_logits, shared.seconds + time.perf_counter() - start, True
+    cache = CompressedCache(press, modality=modality, patches=patches)
+    logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
+    return cache, logits, time.perf_counter() - start, False
+
+
 def _left_padded(rows: tuple[PrefillInputs, ...], width: int) -> PrefillInputs:
     """One layer's prefill inputs of single prompts as a left-padded batch `width` columns wide."""
 

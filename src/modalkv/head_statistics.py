@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from modalkv.pretrained import EMBEDDED_MODELS, MINI_VLM, cache_dir
+from modalkv.pretrained import EMBEDDED_MODELS, MINI_VLM, MINI_VLMS, cache_dir
 
 __all__ = ["CalibrationError", "HeadStatistics", "head_shape", "load_statistics", "model_key", "statistics_path"]
 
@@ -80,10 +80,10 @@ class HeadStatistics:
 
 
 def model_key(config: PretrainedConfig) -> str:
-    """A file-name-safe name for the model of `config`: the embedded name ("smollm2-135m", "mini-vlm") where it is
-    one, else its folder name or hub id."""
+    """A file-name-safe name for the model of `config`: the embedded name ("smollm2-135m", "mini-vlm",
+    "mini-vlm-gemma3") where it is one, else its folder name or hub id."""
     if config.model_type == _MINI_VLM_TYPE:
-        return MINI_VLM
+        return config.name_or_path or MINI_VLM
     source = config.name_or_path or config.model_type
     if Path(source).parent == cache_dir():  # an embedded model's converted folder, "<name>-<dtype>"
         return next((name for name in EMBEDDED_MODELS if Path(source).name.startswith(f"{name}-")), Path(source).name)
@@ -101,7 +101,7 @@ def load_statistics(config: PretrainedConfig, path: str | Path | None = None) ->
     file = Path(path) if path else statistics_path(config)
     if not file.is_file():
         name = model_key(config)
-        model = name if name in (*EMBEDDED_MODELS, MINI_VLM) else config.name_or_path or name
+        model = name if name in (*EMBEDDED_MODELS, *MINI_VLMS) else config.name_or_path or name
         raise CalibrationError(
             f"no head statistics for {name} at {file}: run `modalkv calibrate --model {model}` once (SparseMM and "
             "MixKV read them)"

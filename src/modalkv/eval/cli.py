@@ -17,6 +17,7 @@ from modalkv.cli_common import console, fail, parse_budget, parse_params
 from modalkv.eval import report, runner
 from modalkv.eval.tasks import Failure, build_task
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
+from modalkv.presses import split_methods
 
 
 def _split(text: str) -> list[str]:
@@ -52,7 +53,11 @@ def eval_command(
     out: Annotated[Path, typer.Option(help="run folder: records.rank<k>.jsonl, failures, run.json")],
     model: Annotated[str, typer.Option(help="embedded model name, local folder or hub id")] = DEFAULT_MODEL,
     methods: Annotated[
-        str, typer.Option(help="comma-separated methods (`all`: every one); `full` runs once, at budget 1.0")
+        str,
+        typer.Option(
+            help="comma-separated methods (`all`: every one), each with its own parameters if any, as its label "
+            "writes them: 'snapkv,madakv(ends=1, mpa=false)'; `full` runs once, at budget 1.0"
+        ),
     ] = "full,snapkv",
     budgets: Annotated[str, typer.Option(help="comma-separated budgets (ratios or token counts)")] = "0.1,0.2,0.5",
     tasks: Annotated[str, typer.Option(help="comma-separated: passkey, fidelity, milebench:PATH")] = "passkey",
@@ -86,7 +91,8 @@ def eval_command(
     # Without CUDA, processes started by torchrun talk over gloo only if accelerate is told it is on the CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
-        presses = runner.make_presses(_split(methods), [parse_budget(b) for b in _split(budgets)], parse_params(param))
+        ratios = [parse_budget(b) for b in _split(budgets)]
+        presses = runner.make_presses(split_methods(methods), ratios, parse_params(param))
         options = _task_options(task_option)
         specs = _split(tasks)
         built = [build_task(spec, options.pop(spec.partition(":")[0], {})) for spec in specs]

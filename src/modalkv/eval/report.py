@@ -47,6 +47,8 @@ class Summary:
     failures: list[dict]
     records: int
     comparisons: list[Comparison] = field(default_factory=list)  # paired, over the averaged columns' examples
+    prompt_tokens: dict[str, list[int]] = field(default_factory=dict)  # column -> [shortest, longest] prompt
+    seconds: float = 0.0  # the records' evaluation time, summed (what the run spent on them, model loading aside)
 
 
 def column_of(record: dict, by_length: set[str]) -> str:
@@ -66,6 +68,8 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
     ordered = sorted(records, key=lambda r: (first[r["task"]], r["info"]["length"] if r["task"] in by_length else 0))
     tasks = list(dict.fromkeys(r["column"] for r in ordered))  # in the order tasks first appear, lengths ascending
     averaged = [t for t in tasks if all(r["in_average"] for r in records if r["column"] == t)]
+    found = {t: [r["prompt_tokens"] for r in records if r["column"] == t and r.get("prompt_tokens")] for t in tasks}
+    prompt_tokens = {t: [min(lengths), max(lengths)] for t, lengths in found.items() if lengths}
     methods = list(dict.fromkeys(["full", *(r["method"] for r in records)]))
     keys = sorted({(r["method"], r["budget"]) for r in records}, key=lambda k: (methods.index(k[0]), k[1]))
     rows, metric_names, paired = [], [], {}
@@ -101,7 +105,10 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
                 name = "full" if reference[0] == "full" else f"snapkv@{budget:g}"
                 found = compare(paired[method, budget], paired[reference], (method, budget, name))
                 comparisons += [found] if found is not None else []
-    return Summary(tasks, averaged, metric_names, rows, failures or [], len(records), comparisons)
+    seconds = sum(r.get("seconds") or 0.0 for r in records)
+    return Summary(
+        tasks, averaged, metric_names, rows, failures or [], len(records), comparisons, prompt_tokens, seconds
+    )
 
 
 def load_summary(run_dir: Path) -> Summary:
@@ -334,12 +341,17 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
     lines += [
         "Scores x100 (passkey: exact key; MileBench: each dataset's own metric; fidelity: top-1 agreement with the "
         "full cache, with its KL in nats/token; synthetic: the right option ranked first by likelihood, chance 1/4 "
-        "with the default 4 options, with its margin in nats). `cache`: kept KV bytes / uncompressed KV bytes (what "
+        "with the default 4 options, with its margin in nats; haystack: greedy decoding writes the 5-digit key, "
+        "chance ~0, with the share of the key's tokens right). `cache`: kept KV bytes / uncompressed KV bytes (what "
         "transformers' own cache holds: its sliding-window layers keep their window); `global`, for a model with "
         "sliding-window layers: the same over its global layers, where the budget applies. Brackets: the 95% "
         "interval (Wilson for 0/1 scores, over all the examples for the average; else a percentile bootstrap that, for "
         "the average, resamples each column). A cell "
         "with fewer examples than its column says how many.",
+        "",
+        "Prompt tokens per column (shortest-longest): "
+        + "; ".join(f"{t} {low:,}-{high:,}" for t, (low, high) in summary.prompt_tokens.items())
+        + f". Evaluation time, summed over the records (model loading aside): {summary.seconds / 60:,.1f} min.",
         "",
         *_markdown_table(header, rows),
     ]

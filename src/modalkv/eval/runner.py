@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from modalkv.eval.tasks import Example, Failure, Outcome, Task, decodes_together, task_options
-from modalkv.presses import METHODS, Press, get_press
+from modalkv.presses import METHODS, Press, get_press, parse_method
 
 RECORDS = "records.rank{rank}.jsonl"
 FAILURES = "failures.rank{rank}.jsonl"
@@ -58,12 +58,14 @@ def read_failures(out: Path) -> list[dict]:
 
 
 def make_presses(methods: list[str], budgets: list[float | int], params: dict[str, Any]) -> list[Press]:
-    """`full` once (budget 1.0), then every other method at every budget (`all`: every registered method). Each
-    parameter goes to the methods that have it (ValueError if none does); a press with a `seed` gets 0 unless one is
-    given, so that runs repeat."""
+    """`full` once (budget 1.0), then every other method at every budget (`all`: every registered method). A method
+    may carry its own parameters, as its label writes them (`madakv(ends=1)`, `parse_method`). Each of `params` goes
+    to the methods that have it (ValueError if none does), under a method's own; a press with a `seed` gets 0 unless
+    one is given, so that runs repeat."""
     presses = []
     used = set()
-    for method in [name for given in methods for name in (METHODS if given == "all" else [given])]:
+    for spec in [name for given in methods for name in (METHODS if given == "all" else [given])]:
+        method, given = parse_method(spec)
         for budget in [1.0] if method == "full" else budgets:
             probe = get_press(method, budget=budget)
             fields = {f.name for f in dataclasses.fields(probe)} | {f.name for f in _inner_fields(probe)}
@@ -71,7 +73,7 @@ def make_presses(methods: list[str], budgets: list[float | int], params: dict[st
             if "seed" in fields:
                 own.setdefault("seed", 0)
             used |= own.keys()
-            presses.append(get_press(method, budget=budget, **own))
+            presses.append(get_press(method, budget=budget, **own, **given))
     unused = set(params) - used
     if unused:
         raise ValueError(f"no method in {', '.join(methods)} takes the parameter(s) {', '.join(sorted(unused))}")

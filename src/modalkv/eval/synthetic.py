@@ -30,7 +30,6 @@ files under `modalkv.models.cache_dir() / "synthetic"`.
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,10 +40,18 @@ from PIL import Image, ImageOps
 from transformers import PreTrainedModel
 
 from modalkv.api import check_prompt_length
-from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
-from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Failure, Outcome, encode_example, tokenizer_of
-from modalkv.generation import SharedPrefill, share_prefill
+from modalkv.eval.tasks import (
+    IMAGE_PLACEHOLDER,
+    Example,
+    Failure,
+    Outcome,
+    PreparedPrompt,
+    encode_example,
+    prepare_prompt,
+    tokenizer_of,
+)
+from modalkv.generation import SharedPrefill, prefill_cache
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
 from modalkv.presses.full import FullPress
@@ -195,17 +202,7 @@ def option_log_likelihoods(
     check_prompt_length(model, prompt.shape[1], len(prefix) + width)
     device = prompt.device
     with press.attach(model):
-        start = time.perf_counter()
-        replayed = shared is not None and press.replays_prefill
-        if replayed:
-            cache = CompressedCache(press)
-            cache.replay_prefill(shared.layers)
-            logits = shared.first_logits
-            prefill_seconds = shared.seconds + time.perf_counter() - start
-        else:
-            cache = CompressedCache(press, modality=modality, patches=patches)
-            logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
-            prefill_seconds = time.perf_counter() - start
+        cache, logits, prefill_seconds, replayed = prefill_cache(model, press, inputs, modality, patches, shared)
         if prefix:
             ids = torch.tensor([prefix], device=device)
             logits = model(input_ids=ids, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
@@ -239,7 +236,7 @@ class SyntheticTask:
     name: ClassVar[str] = "synthetic"
     in_average: ClassVar[bool] = True
     _prior: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # option -> log-likelihood
-    _encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # the example in hand
+    _prompt: PreparedPrompt | None = field(default=None, init=False, repr=False)  # the example in hand
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -286,21 +283,11 @@ class SyntheticTask:
         """1.0 when the chosen option is the shown photo's."""
         return float(prediction == example.reference)
 
-    def _inputs(self, model: PreTrainedModel, processor: Any, example: Example) -> tuple[dict, torch.Tensor | None]:
-        """The example's model inputs, made once for all the presses the runner takes in a row on it (the mini-VLM's
-        images are embedded once too: the vision tower is no part of what a press changes)."""
-        key = (example.task, example.id)
-        if self._encoded.get("key") != key:
-            inputs, modality, _ = encode_example(model, processor, example)
-            inputs = {name: value.to(model.device) for name, value in inputs.items()}
-            if hasattr(model, "embed") and "pixel_values" in inputs:
-                inputs["inputs_embeds"] = model.embed(inputs.pop("input_ids"), inputs.pop("pixel_values"))
-            self._encoded = {
-                "key": key,
-                "inputs": inputs,
-                "modality": None if modality is None else modality.to(model.device),
-            }
-        return self._encoded["inputs"], self._encoded["modality"]
+    def _prepared(self, model: PreTrainedModel, processor: Any, example: Example) -> PreparedPrompt:
+        """The example's prompt, made once for all the presses the runner takes on it in a row."""
+        if self._prompt is None or self._prompt.key != (example.task, example.id):
+            self._prompt = prepare_prompt(model, processor, example)
+        return self._prompt
 
     def prior(self, model: PreTrainedModel, processor: Any) -> dict[str, float]:
         """Each option's log-likelihood after the question with no pictures (uncompressed; computed once)."""
@@ -316,16 +303,12 @@ class SyntheticTask:
 
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
         tokenizer = tokenizer_of(processor)
-        inputs, modality = self._inputs(model, processor, example)
+        prompt = self._prepared(model, processor, example)
         words = example.info["options"]
         options = [_ids(tokenizer, f" {word}") for word in words]
-        # The prompt prefilled once for all the presses the runner takes on it in a row.
-        if "shared" not in self._encoded:
-            plain = {name: value for name, value in inputs.items() if name != "patches"}
-            self._encoded["shared"] = share_prefill(model, plain, modality, inputs.get("patches"))
-        shared = self._encoded["shared"]  # None where it cannot be shared (asked once, not per press)
+        inputs = {**prompt.inputs, **({"patches": prompt.patches} if prompt.patches is not None else {})}
         prefix = _ids(tokenizer, ANSWER_PREFIX)
-        result = option_log_likelihoods(model, press, inputs, prefix, options, modality, shared)
+        result = option_log_likelihoods(model, press, inputs, prefix, options, prompt.modality, prompt.shared)
         prior = self.prior(model, processor)
         calibrated = result.log_likelihoods - torch.tensor([prior[word] for word in words])
         prediction = words[int(calibrated.argmax())]

@@ -242,6 +242,30 @@ def encode_example(
     return inputs, inputs.pop("modality"), "processor"
 
 
+@dataclass
+class PreparedPrompt:
+    """One example's prompt as every press of a grid reads it, made once (`prepare_prompt`): the model's inputs (a
+    mini-VLM's images already embedded: the vision tower is no part of what a press changes), the modality and patch
+    maps, and the prefill forward recorded for replay (`generation.share_prefill`; None where it cannot be shared)."""
+
+    key: tuple[str, str]  # (task, example id)
+    inputs: dict[str, torch.Tensor]
+    modality: torch.Tensor | None
+    patches: torch.Tensor | None
+    shared: SharedPrefill | None
+
+
+def prepare_prompt(model: PreTrainedModel, processor: Any, example: Example) -> PreparedPrompt:
+    inputs, modality, _ = encode_example(model, processor, example)
+    inputs = {name: value.to(model.device) for name, value in inputs.items()}
+    if hasattr(model, "embed") and "pixel_values" in inputs:
+        inputs["inputs_embeds"] = model.embed(inputs.pop("input_ids"), inputs.pop("pixel_values"))
+    modality = None if modality is None else modality.to(model.device)
+    patches = inputs.pop("patches", None)
+    shared = share_prefill(model, inputs, modality, patches)
+    return PreparedPrompt((example.task, example.id), inputs, modality, patches, shared)
+
+
 # -- the registry ---------------------------------------------------------------------------------------------------
 
 

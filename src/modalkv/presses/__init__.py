@@ -75,6 +75,49 @@ def get_press(name: str, budget: float | int = 1.0, **params) -> Press:
     return PRESSES[name](budget=budget, **params)
 
 
+def parse_value(text: str) -> bool | int | float | str:
+    """A parameter value as written on the command line: true/false, an int, a float, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_methods(text: str) -> list[str]:
+    """'snapkv,madakv(ends=1, mpa=false)' -> ['snapkv', 'madakv(ends=1, mpa=false)']: commas inside parentheses
+    belong to the method."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced parentheses in the methods {text!r}")
+    return [part for part in parts if part]
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, bool | int | float | str]]:
+    """'madakv(ends=1, mpa=false)' -> ('madakv', {'ends': 1, 'mpa': False}): a press's label (`Press.label`) read
+    back, so that one run can hold several settings of a method."""
+    name, paren, rest = spec.partition("(")
+    if not paren:
+        return spec.strip(), {}
+    if not rest.endswith(")"):
+        raise ValueError(f"a method with parameters is written name(key=value, ...), got {spec!r}")
+    params = {}
+    for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method parameters are key=value, got {item!r} in {spec!r}")
+        params[key.strip()] = parse_value(value.strip())
+    return name.strip(), params
+
+
 __all__ = [
     "METHODS",
     "PRESSES",
@@ -101,4 +144,7 @@ __all__ = [
     "StreamingLLMPress",
     "TOVAPress",
     "get_press",
+    "parse_method",
+    "parse_value",
+    "split_methods",
 ]

@@ -37,8 +37,11 @@ class MadaKVPress(Press):
     phi^l), passes the difference on, so all layers and heads together keep exactly L * H * budget tokens (the last
     layer takes the remainder; a layer never takes so much or so little that later layers cannot meet it).
     `literal_hcc` instead keeps phi^l per head in every layer and applies phi^{l+1} = phi^l - K^l / (L - l) with
-    K^l = sum_h (demand - phi^l), as the equations read literally (total not preserved). Text-only prompts have no
-    visual mass: MPA keeps the plain top psi.
+    K^l = sum_h (demand - phi^l), as the equations read literally (total not preserved). `ends` > 0 follows the
+    paper's observation that the first and last layers need more: layer l's share of what is left is weighted by
+    1 + ends * |2 l / (L - 1) - 1| (the ends get 1 + ends times the middle's weight), with HCC on or off; the total is
+    still L * H * budget (exactly with HCC, up to rounding without). Text-only prompts have no visual mass: MPA keeps
+    the plain top psi.
     """
 
     window_size: int = 32
@@ -46,6 +49,7 @@ class MadaKVPress(Press):
     mpa: bool = True
     hcc: bool = True
     literal_hcc: bool = False
+    ends: float = 0.0
     name = "madakv"
 
     def __post_init__(self) -> None:
@@ -53,6 +57,8 @@ class MadaKVPress(Press):
         check_window(self.window_size)
         if not 0 < self.theta <= 1:
             raise ValueError(f"theta must be in (0, 1], got {self.theta}")
+        if self.ends < 0 or (self.ends and self.literal_hcc):
+            raise ValueError(f"ends must be >= 0, and 0 with literal_hcc; got {self.ends}")
 
     def importance(self, inputs: PrefillInputs) -> torch.Tensor:
         """psi [B, H_kv, S]: proxy attention summed over the proxies, averaged over the KV group's query heads."""
@@ -92,6 +98,10 @@ class MadaKVPress(Press):
         state = inputs.state
         if index == 0:
             state["phi"], state["remaining"] = target.double(), layers * heads * target
+        if self.ends:  # this layer's weighted share of what is left, per head
+            position = torch.linspace(-1, 1, layers, dtype=torch.float64) if layers > 1 else torch.zeros(1)
+            weights = 1 + self.ends * position.abs()
+            state["phi"] = state["remaining"] / heads * float(weights[index] / weights[index:].sum())
         phi, remaining, left = state["phi"], state["remaining"], layers - index
         low, high = (num_proxy + 1).minimum(num_real), num_real
         demand = coverage(psi, visual, self.theta) + coverage(psi, text, self.theta) + num_proxy[:, None]
@@ -99,6 +109,7 @@ class MadaKVPress(Press):
             spend = phi.round().long().clamp(low, high)[:, None].expand_as(demand)
             if self.literal_hcc and left > 1:
                 state["phi"] = phi - (demand - phi[:, None]).sum(-1) / (left - 1)
+            state["remaining"] = remaining - spend.sum(-1)
             return spend
         wanted = demand.clamp(low[:, None], torch.minimum(high, (2 * phi).long())[:, None])
         total = remaining if left == 1 else wanted.sum(-1)

@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from modalkv.vlm.encoder import STRIDE, EfficientNetLite0
 from modalkv.vlm.projector import ClassPosteriorProjector
 
-# SmolLM2's `<empty_output>` (a Jupyter marker the chat model never writes) stands for image patches: an id the
-# vocabulary already has keeps the LM's embedding and output matrices untouched.
-IMAGE_TOKEN_ID = 16
-
 
 class MiniVLMConfig(PretrainedConfig):
-    """The mini-VLM's config: the language model's config as `text_config`, plus the image settings."""
+    """The mini-VLM's config: the language model's config as `text_config`, plus the image settings.
+    `image_token_id`: a token of the LM's vocabulary that text never writes, standing for one patch (an id the
+    vocabulary already has keeps the LM's embedding and output matrices untouched)."""
 
     model_type = "modalkv-mini-vlm"
-    sub_configs = {"text_config": LlamaConfig}  # noqa: RUF012 (transformers' class attribute)
+    sub_configs = {"text_config": AutoConfig}  # noqa: RUF012 (transformers' class attribute)
 
     def __init__(
         self,
         text_config: PretrainedConfig | None = None,
-        image_token_id: int = IMAGE_TOKEN_ID,
+        image_token_id: int = 0,
         image_size: int = 224,
         **kwargs,
     ):
@@ -47,8 +45,10 @@ class MiniVLM(nn.Module):
     Args:
         vision_tower: EfficientNet-Lite0 with its ImageNet weights.
         projector: patch features -> LM input embeddings.
-        language_model: SmolLM2-135M-Instruct (any Llama-like causal LM with the projector's embedding size).
+        language_model: SmolLM2-135M-Instruct or Gemma 3 270M (any causal LM with the projector's embedding size).
+        image_token_id: the placeholder token that stands for one patch (see `MiniVLMConfig`).
         image_size: the side, in pixels, that the processor resizes images to (the patch grid is image_size / 32).
+        name: what `load_model` calls it ("mini-vlm", "mini-vlm-gemma3"): the calibration files' key.
     """
 
     def __init__(
@@ -56,13 +56,17 @@ class MiniVLM(nn.Module):
         vision_tower: EfficientNetLite0,
         projector: ClassPosteriorProjector,
         language_model: PreTrainedModel,
+        image_token_id: int,
         image_size: int = 224,
+        name: str = "",
     ):
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
         self.language_model = language_model
-        self.config = MiniVLMConfig(language_model.config, image_size=image_size)
+        self.config = MiniVLMConfig(
+            language_model.config, image_token_id=image_token_id, image_size=image_size, name_or_path=name
+        )
 
     @property
     def device(self) -> torch.device:
@@ -80,6 +84,10 @@ class MiniVLM(nn.Module):
     def grid_size(self) -> int:
         """Patches per image side at the configured image size."""
         return self.config.image_size // STRIDE
+
+    def get_decoder(self) -> nn.Module:
+        """The language model's decoder (its layers and rotary embedding), as transformers' VLMs give it."""
+        return self.language_model.get_decoder()
 
     def set_attn_implementation(self, attn_implementation: str | dict[str, str]) -> None:
         """Switches the language model's attention (the vision tower has none): what `Press.attach` calls. Takes a

@@ -14,7 +14,6 @@ from transformers import BatchFeature, PreTrainedTokenizerBase
 
 from modalkv.modality import IMAGE, TEXT, patches_from_grids
 from modalkv.vlm.encoder import STRIDE
-from modalkv.vlm.model import IMAGE_TOKEN_ID
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -30,17 +29,18 @@ class MiniVLMProcessor:
     """Tokenizer + image preprocessing of the mini-VLM.
 
     Args:
-        tokenizer: SmolLM2's tokenizer (left padding).
+        tokenizer: the language model's tokenizer (left padding).
+        image_token_id: the model's placeholder token for one patch (`MiniVLMConfig.image_token_id`).
         image_size: images are resized to image_size x image_size; the patch grid is image_size / 32 per side.
     """
 
     image_token = IMAGE_PLACEHOLDER
-    image_token_id = IMAGE_TOKEN_ID
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_size: int = 224):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_id: int, image_size: int = 224):
         if image_size < STRIDE or image_size % STRIDE:
             raise ValueError(f"image_size must be a positive multiple of {STRIDE}, got {image_size}")
         self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
         self.image_size = image_size
 
     @property
@@ -88,11 +88,11 @@ class MiniVLMProcessor:
         ids: list[int] = []
         for i, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
-                ids += [IMAGE_TOKEN_ID] * (rows * cols)
+                ids += [self.image_token_id] * (rows * cols)
             segment_ids = self.tokenizer(segment, add_special_tokens=add_special_tokens and i == 0).input_ids
-            if IMAGE_TOKEN_ID in segment_ids:
+            if self.image_token_id in segment_ids:
                 raise ValueError(
-                    f"the text spells the image token {self.tokenizer.decode([IMAGE_TOKEN_ID])!r}; "
+                    f"the text spells the image token {self.tokenizer.decode([self.image_token_id])!r}; "
                     f"mark images with {IMAGE_PLACEHOLDER!r} only"
                 )
             ids += segment_ids
@@ -107,8 +107,8 @@ class MiniVLMProcessor:
         add_special_tokens: bool = False,
     ) -> BatchFeature:
         """Encodes a batch of prompts and their images (in placeholder order, all rows' images in one flat list or
-        one list per row). `add_special_tokens`: let the tokenizer add its own at the start (the chat template
-        already writes them, and SmolLM2's tokenizer adds none).
+        one list per row). `add_special_tokens`: let the tokenizer add its own at the start (a chat template
+        already writes them; SmolLM2's tokenizer adds none, Gemma's a BOS).
 
         Returns:
             BatchFeature with input_ids [B, S] and attention_mask [B, S] (left padding), pixel_values [N, 3, H, W]
@@ -131,7 +131,7 @@ class MiniVLMProcessor:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        modality = torch.where(input_ids == IMAGE_TOKEN_ID, IMAGE, TEXT)
+        modality = torch.where(input_ids == self.image_token_id, IMAGE, TEXT)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if flat:
             data["pixel_values"] = torch.stack([image_to_pixels(im, self.image_size) for im in flat])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from eval_tiny import save_tiny_model
 from typer.testing import CliRunner
 
 from modalkv import cli, get_press
+from modalkv.cli_common import command_line
 from modalkv.eval import report, runner
 from modalkv.eval.tasks import build_task
 from modalkv.presses import METHODS, parse_method, split_methods
@@ -275,3 +277,10 @@ def test_task_names_and_options():
 def test_synthetic_task_refuses_a_text_only_model(tiny, tmp_path):
     result = CliRunner().invoke(cli.app, ["eval", "--model", str(tiny), "--out", str(tmp_path), "--tasks", "synthetic"])
     assert result.exit_code == 2 and "--model mini-vlm" in result.stderr
+
+
+def test_the_recorded_command_line_is_quoted_for_a_shell(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["modalkv", "eval", "--methods", "snapkv,madakv(ends=1, mpa=false)", "--out", "x"])
+    line = command_line("eval")
+    assert line == "modalkv eval --methods 'snapkv,madakv(ends=1, mpa=false)' --out x"
+    assert shlex.split(line)[1:] == sys.argv[1:]

@@ -4,7 +4,6 @@ memory in fresh processes, the largest batch under a limit)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from modalkv.api import check_prompt_length
 from modalkv.bench import Prompts
-from modalkv.cli_common import console, fail, parse_budget, parse_params
+from modalkv.cli_common import command_line, console, fail, parse_budget, parse_params
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
 from modalkv.presses import Press
 
@@ -192,7 +191,7 @@ def bench_command(
         capacity = measure_capacity(model, dtype, tokenizer, presses, lengths, decode_tokens, memory_limit)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "modalkv bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "command": command_line("bench"),
         "model": model,
         "dtype": dtype,
         "threads": torch.get_num_threads(),

@@ -1,11 +1,16 @@
 """What the command lines share (`modalkv.cli`, `modalkv.bench_cli` and `modalkv.eval.cli`): the stderr console, the
-parsing of budgets and method parameters, and the error exit. It imports no other modalkv module, so all can build on
-it."""
+parsing of budgets and method parameters, and the error exit. Of modalkv it imports only the press registry (whose
+syntax for parameter values it shares), so every command line can build on it."""
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 import typer
 from rich.console import Console
+
+from modalkv.presses import parse_value
 
 console = Console(stderr=True)
 
@@ -21,8 +26,6 @@ def parse_budget(text: str) -> float | int:
 
 def parse_params(items: list[str] | None) -> dict[str, bool | int | float | str]:
     """['kernel_size=7', 'pooling=max', 'evict_every=0'] -> {'kernel_size': 7, 'pooling': 'max', ...}."""
-    from modalkv.presses import parse_value
-
     params: dict[str, bool | int | float | str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -30,6 +33,13 @@ def parse_params(items: list[str] | None) -> dict[str, bool | int | float | str]
             raise typer.BadParameter(f"method parameters are KEY=VALUE, got {item!r}")
         params[key] = parse_value(value)
     return params
+
+
+def command_line(name: str) -> str:
+    """This process's `modalkv <name> ...` command, quoted for a shell (e.g. methods with parameters in parentheses),
+    for the files a run writes."""
+    args = sys.argv[2:] if sys.argv[1:2] == [name] else sys.argv[1:]
+    return f"modalkv {name} " + shlex.join(args)
 
 
 def fail(error: Exception) -> typer.Exit:

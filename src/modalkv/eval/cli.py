@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from modalkv.cli_common import console, fail, parse_budget, parse_params
+from modalkv.cli_common import command_line, console, fail, parse_budget, parse_params
 from modalkv.eval import report, runner
 from modalkv.eval.tasks import Failure, build_task
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
@@ -98,7 +97,7 @@ def eval_command(
         built = [build_task(spec, options.pop(spec.partition(":")[0], {})) for spec in specs]
         if options:
             raise ValueError(f"options for tasks that are not run: {', '.join(options)}")
-        command = "modalkv eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+        command = command_line("eval")
         runner.check_run(out, {"model": model, "dtype": dtype, "commands": [command]}, built, state.is_main_process)
         with console.status(f"loading {model}"):
             lm, processor = load_model(model, dtype=parse_dtype(dtype), device=state.device)

@@ -34,6 +34,11 @@ def record_key(record: dict) -> tuple:
     return record["task"], record["example"], record["method"], record["budget"]
 
 
+def cell_key(example: Example, press: Press) -> tuple:
+    """The `record_key` of the record that (example, press) writes."""
+    return example.task, example.id, press.label(), press.budget
+
+
 def read_jsonl(paths: list[Path]) -> Iterator[dict]:
     """Every complete JSON line of `paths`; a line cut short by an interrupted write is skipped."""
     for path in paths:
@@ -118,13 +123,13 @@ def pending(
             batch = mine[start : start + batch_size]
             decoded_together = [batch_size > 1 and batchable(task, press) for press in presses]
             for press in (p for p, flag in zip(presses, decoded_together, strict=True) if flag):
-                todo = [e for e in batch if (e.task, e.id, press.label(), press.budget) not in done]
+                todo = [e for e in batch if cell_key(e, press) not in done]
                 if todo:
                     items.append(WorkItem(task, todo, press))
             alone = [p for p, flag in zip(presses, decoded_together, strict=True) if not flag]
             for example in batch:
                 for press in alone:
-                    if (example.task, example.id, press.label(), press.budget) not in done:
+                    if cell_key(example, press) not in done:
                         items.append(WorkItem(task, [example], press))
     return items
 

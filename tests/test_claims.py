@@ -44,3 +44,23 @@ def test_verdicts_follow_the_paired_tests():
     few = claims.accuracy(records("full", 1.0, [1.0] * 3) + records("madakv", 0.2, [0.0] * 3), "madakv", 0.2)
     assert few.verdict == "too few examples to decide (n=3)"
     assert claims.accuracy(full, "madakv", 0.2) is None
+
+
+def test_ablations_and_method_tables_pair_each_setting_with_its_default():
+    def family(method: str, budget: float, scores: list[float], task: str) -> list[dict]:
+        return [{**r, "task": task} for r in records(method, budget, scores)]
+
+    needle, deferred = "haystack/needle", "haystack/deferred"
+    rows = (
+        family("madakv", 0.1, [1.0] * 10, needle)
+        + family("madakv(mpa=False)", 0.1, [0.0] * 10, needle)
+        + family("madakv", 0.1, [1.0] * 5 + [0.0] * 5, deferred)
+        + family("madakv(mpa=False)", 0.1, [1.0] * 5 + [0.0] * 5, deferred)
+        + family("retentivekv", 0.1, [0.0] * 10, deferred)
+        + family("snapkv", 0.1, [1.0] * 10, deferred)
+    )
+    table = claims.ablations(rows)
+    assert "| madakv | 0.1 | 100 (n=10) | 50 (n=10) | - |" in table
+    assert "| madakv(mpa=False) | 0.1 | 0 (-100, 0.002 *) | 50 (+0, 1) | - |" in table
+    versus = claims.versus_all(rows, "retentivekv", 0.1, deferred)
+    assert versus[2:] == ["| madakv | 10 | 50 | 0 | -50 (0.062) |", "| snapkv | 10 | 100 | 0 | -100 (0.002 *) |"]

@@ -48,7 +48,7 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "What is the pass key? The pass key is"
 IMAGE_LINE = " Code: {key}.\n"  # after each picture of the image family
 IMAGE_QUESTION = "Which code goes with this picture?\n"
-_REGION_SIZES = (3, 4, 5)  # a photo over s x s patches of the 7 x 7 canvas: 16 + 9 + 4 ... places per photo and size
+_REGION_SIZES = (3, 4, 5)  # a photo over s x s patches of the 7 x 7 canvas: 25 + 16 + 9 places per photo
 
 
 def _photo_names() -> list[str]:
@@ -109,7 +109,7 @@ class HaystackTask:
 
         key = _key(rng)
         if family == "image":
-            line = count(IMAGE_LINE.format(key=key))
+            line = count(IMAGE_LINE.format(key=key))  # every key has 5 digits: one line's tokens stand for all
             fixed = count(IMAGE_QUESTION) + image_tokens + count(" Code:") + 1
             num_images = max(2, round((self.tokens - fixed) / (image_tokens + line)))
             pictures = _regions(rng, num_images)

@@ -162,7 +162,7 @@ def accuracy_table(method: str, runs: dict[str, list[dict]], tasks: list[str] | 
 
 def full_curve(runs: dict[str, list[dict]]) -> list[str]:
     """The full cache on each haystack family at each length: whether methods have room to differ there."""
-    lines = ["| run | prompt tokens | " + " | ".join(FAMILIES) + " |", "| --- | --- | " + "--- | " * len(FAMILIES)]
+    lines = ["| run | prompt tokens | " + " | ".join(FAMILIES) + " |", "| --- | --- |" + " --- |" * len(FAMILIES)]
     for run in HAYSTACKS:
         full = [r for r in runs[run] if r["method"] == "full"]
         if not full:
@@ -205,7 +205,7 @@ def ablations(records: list[dict]) -> list[str]:
     """Each MadaKV and RetentiveKV setting against its default, paired by example, per haystack family and budget."""
     lines = [
         "| setting | budget | " + " | ".join(f"{f} (p vs default)" for f in FAMILIES) + " |",
-        "| --- | --- | " + "--- | " * len(FAMILIES),
+        "| --- | --- |" + " --- |" * len(FAMILIES),
     ]
     labels = sorted({r["method"] for r in records if r["method"].partition("(")[0] in ("madakv", "retentivekv")})
     for label in labels:

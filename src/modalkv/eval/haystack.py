@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from modalkv.api import check_prompt_length
 from modalkv.compat import CACHE_KWARG
 from modalkv.eval.synthetic import region, variant
-from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Outcome, PreparedPrompt, prepare_prompt, tokenizer_of
+from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, LatestPrompt, Outcome, tokenizer_of
 from modalkv.generation import SharedPrefill, prefill_cache
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
@@ -81,7 +81,7 @@ class HaystackTask:
     seed: int = 0
     name: ClassVar[str] = "haystack"
     in_average: ClassVar[bool] = True
-    _prompt: PreparedPrompt | None = field(default=None, init=False, repr=False)  # the example in hand
+    _prompt: LatestPrompt = field(default_factory=LatestPrompt, init=False, repr=False)  # the example in hand
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -148,15 +148,9 @@ class HaystackTask:
         """1.0 when greedy decoding wrote the key first (`evaluate` stops at the first token that is not the key's)."""
         return float(prediction.strip().startswith(example.reference))
 
-    def _prepared(self, model: PreTrainedModel, processor: Any, example: Example) -> PreparedPrompt:
-        """The example's prompt, made once for all the presses the runner takes on it in a row."""
-        if self._prompt is None or self._prompt.key != (example.task, example.id):
-            self._prompt = prepare_prompt(model, processor, example)
-        return self._prompt
-
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
         tokenizer = tokenizer_of(processor)
-        prompt = self._prepared(model, processor, example)
+        prompt = self._prompt(model, processor, example)
         deferred = example.info["family"] == "deferred"
         question = tokenizer(QUESTION, add_special_tokens=False).input_ids if deferred else []
         answer = tokenizer(" " + example.reference, add_special_tokens=False).input_ids

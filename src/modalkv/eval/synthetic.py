@@ -45,10 +45,9 @@ from modalkv.eval.tasks import (
     IMAGE_PLACEHOLDER,
     Example,
     Failure,
+    LatestPrompt,
     Outcome,
-    PreparedPrompt,
     encode_example,
-    prepare_prompt,
     tokenizer_of,
 )
 from modalkv.generation import SharedPrefill, prefill_cache
@@ -236,7 +235,7 @@ class SyntheticTask:
     name: ClassVar[str] = "synthetic"
     in_average: ClassVar[bool] = True
     _prior: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # option -> log-likelihood
-    _prompt: PreparedPrompt | None = field(default=None, init=False, repr=False)  # the example in hand
+    _prompt: LatestPrompt = field(default_factory=LatestPrompt, init=False, repr=False)  # the example in hand
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -283,12 +282,6 @@ class SyntheticTask:
         """1.0 when the chosen option is the shown photo's."""
         return float(prediction == example.reference)
 
-    def _prepared(self, model: PreTrainedModel, processor: Any, example: Example) -> PreparedPrompt:
-        """The example's prompt, made once for all the presses the runner takes on it in a row."""
-        if self._prompt is None or self._prompt.key != (example.task, example.id):
-            self._prompt = prepare_prompt(model, processor, example)
-        return self._prompt
-
     def prior(self, model: PreTrainedModel, processor: Any) -> dict[str, float]:
         """Each option's log-likelihood after the question with no pictures (uncompressed; computed once)."""
         if not self._prior:
@@ -303,7 +296,7 @@ class SyntheticTask:
 
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
         tokenizer = tokenizer_of(processor)
-        prompt = self._prepared(model, processor, example)
+        prompt = self._prompt(model, processor, example)
         words = example.info["options"]
         options = [_ids(tokenizer, f" {word}") for word in words]
         inputs = {**prompt.inputs, **({"patches": prompt.patches} if prompt.patches is not None else {})}

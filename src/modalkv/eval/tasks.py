@@ -266,6 +266,19 @@ def prepare_prompt(model: PreTrainedModel, processor: Any, example: Example) -> 
     return PreparedPrompt((example.task, example.id), inputs, modality, patches, shared)
 
 
+class LatestPrompt:
+    """The last example's `PreparedPrompt`, kept for the presses the runner takes on it in a row (a task's
+    `evaluate` calls it with each press; a new example replaces it)."""
+
+    def __init__(self) -> None:
+        self._prompt: PreparedPrompt | None = None
+
+    def __call__(self, model: PreTrainedModel, processor: Any, example: Example) -> PreparedPrompt:
+        if self._prompt is None or self._prompt.key != (example.task, example.id):
+            self._prompt = prepare_prompt(model, processor, example)
+        return self._prompt
+
+
 # -- the registry ---------------------------------------------------------------------------------------------------
 
 

@@ -179,16 +179,23 @@ def full_curve(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def by_example(records: list[dict], method: str, budget: float, task: str) -> dict[str, float]:
+    """Example id -> score of `method` (a label) at `budget` on `task`."""
+    return {
+        r["example"]: r["score"] for r in records if (r["method"], r["budget"], r["task"]) == (method, budget, task)
+    }
+
+
 def versus_all(records: list[dict], method: str, budget: float, task: str) -> list[str]:
     """`method` against every other method (plain labels, no ablations) at `budget` on `task`, paired by example."""
-    kept = [r for r in records if r["task"] == task and r["budget"] == budget and "(" not in r["method"]]
-    mine = {r["example"]: r["score"] for r in kept if r["method"] == method}
+    mine = by_example(records, method, budget, task)
     lines = [
         f"| other method @{budget:g} | n | other | {method} | difference (p) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for other in sorted({r["method"] for r in kept} - {method}):
-        theirs = {r["example"]: r["score"] for r in kept if r["method"] == other}
+    others = {r["method"] for r in records if (r["task"], r["budget"]) == (task, budget) and "(" not in r["method"]}
+    for other in sorted(others - {method}):
+        theirs = by_example(records, other, budget, task)
         common = sorted(mine.keys() & theirs.keys())
         if not common:
             continue
@@ -213,16 +220,7 @@ def ablations(records: list[dict]) -> list[str]:
         for budget in sorted({r["budget"] for r in records if r["method"] == label}):
             cells = []
             for family in FAMILIES:
-                mine = {
-                    r["example"]: r["score"]
-                    for r in records
-                    if (r["method"], r["budget"], r["task"]) == (label, budget, family)
-                }
-                base = {
-                    r["example"]: r["score"]
-                    for r in records
-                    if (r["method"], r["budget"], r["task"]) == (default, budget, family)
-                }
+                mine, base = (by_example(records, name, budget, family) for name in (label, default))
                 common = sorted(mine.keys() & base.keys())
                 if not common:
                     cells.append("-")

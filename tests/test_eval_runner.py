@@ -88,8 +88,8 @@ def test_grid_records_failures_and_summary(base_run):
     assert all(r["cache_ratio"] < 0.6 for r in compressed)
     milebench = [r for r in records if r["task"].startswith("milebench/")]
     assert {r["image_input"] for r in milebench} == {"stand-in"} and all(r["images"] > 0 for r in milebench)
-    # text prompts are prefilled once per example and replayed for each press (test_shared_prefill.py)
-    assert all(r["shared_prefill"] == (r["task"] != "fidelity") for r in records)
+    # prompts are prefilled once per example and replayed for each press (test_shared_prefill.py)
+    assert all(r["shared_prefill"] for r in records)
     failures = [json.loads(line) for line in (out / "failures.rank0.jsonl").read_text().splitlines()]
     assert sorted(f["task"] for f in failures) == ["milebench/ActionSequence", "milebench/Broken"]
     assert "milebench/Broken: 1 failed" in result.stderr.replace("\n", " ")
@@ -122,7 +122,7 @@ def test_resume_skips_finished_records_and_redoes_only_the_missing(
 
 def test_a_batched_run_writes_the_records_of_one_example_at_a_time(tiny, base_run, tmp_path):
     """--batch-size decodes a generation task's examples together (left-padded: the passkey prompts differ in
-    length): every record equals the single-example run's but for timings; fidelity runs one at a time."""
+    length; fidelity's windows are fed together): every record equals the single-example run's but for timings."""
     out = tmp_path / "batched"
     result = run_eval(tiny, out, "full,streaming_llm,snapkv", "--batch-size", "3")
     assert result.exit_code == 0, result.output
@@ -130,7 +130,11 @@ def test_a_batched_run_writes_the_records_of_one_example_at_a_time(tiny, base_ru
     deterministic = ("prediction", "score", "cache_bytes", "full_cache_bytes", "prompt_tokens", "reference")
     assert comparable(records, deterministic) == comparable(lines(base_run[0]), deterministic)
     batches = {(r["task"].partition("/")[0], r["batch"]) for r in records}
-    assert batches == {("passkey", 2), ("milebench", 3), ("fidelity", 1)}
+    assert batches == {("passkey", 2), ("milebench", 3), ("fidelity", 2)}
+    kl = {runner.record_key(r): r["metrics"]["kl"] for r in lines(base_run[0]) if r["task"] == "fidelity"}
+    assert all(
+        r["metrics"]["kl"] == pytest.approx(kl[runner.record_key(r)], abs=1e-5) for r in records if "kl" in r["metrics"]
+    )
     failures = [json.loads(line) for line in (out / "failures.rank0.jsonl").read_text().splitlines()]
     assert sorted(f["task"] for f in failures) == ["milebench/ActionSequence", "milebench/Broken"]
 

@@ -12,7 +12,7 @@ try), copied once so that every Python version reads the same words. Python Soft
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,7 +32,6 @@ class FidelityTask(TeacherForcedTask):
     continuation_tokens: int = 64
     samples: int = 4
     name: ClassVar[str] = "fidelity"
-    _tokens: dict[str, ForcedTokens] = field(default_factory=dict, init=False, repr=False)  # example id -> tokens
 
     def load(self, processor: Any) -> tuple[list[Example], list[Failure]]:
         tokenizer = tokenizer_of(processor)

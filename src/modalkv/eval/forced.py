@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from modalkv.api import check_prompt_length
 from modalkv.compat import CACHE_KWARG
-from modalkv.eval.tasks import Example, Outcome, decodes_together, tokenizer_of
+from modalkv.eval.tasks import Example, Latest, Outcome, decodes_together, tokenizer_of
 from modalkv.generation import SharedPrefill, prefill_cache, share_prefill
 from modalkv.presses import Press
 
@@ -40,20 +40,22 @@ class ForcedTokens:
 
 @dataclass
 class Reference:
-    """The examples in hand (one, or a batch of equal shape), with what every press compared on them shares: the
-    uncompressed model's log-probabilities [B, T, V] at the positions that predict the continuation, and the prompts'
-    prefill recorded for replay (None where it cannot be shared)."""
+    """What every press compared on the examples in hand (one, or a batch of equal shape) shares: the uncompressed
+    model's log-probabilities [B, T, V] at the positions that predict the continuation, and the prompts' prefill
+    recorded for replay (None where it cannot be shared)."""
 
-    key: tuple[str, ...]
     full: torch.Tensor
     shared: SharedPrefill | None
 
 
+@dataclass
 class TeacherForcedTask:
     """Subclasses (dataclasses) define `load()`, which keeps each example's `ForcedTokens` in `self._tokens[id]`,
     and `measure()`, which turns the full and the compressed log-probabilities into the score and metrics."""
 
     in_average: ClassVar[bool] = False
+    _tokens: dict[str, ForcedTokens] = field(default_factory=dict, init=False, repr=False, compare=False)  # by id
+    _reference: Latest[Reference] = field(default_factory=Latest, init=False, repr=False, compare=False)
 
     def measure(self, full: torch.Tensor, compressed: torch.Tensor, example: Example) -> tuple[float, dict[str, float]]:
         """(score, metrics) of one example from its [T, V] log-probabilities, full and compressed."""
@@ -73,21 +75,11 @@ class TeacherForcedTask:
             return None
         return self._forced(model, processor, press, examples)
 
-    def _reference(self, model: PreTrainedModel, examples: list[Example], ids: torch.Tensor) -> Reference:
-        """The examples' `Reference`, made once for all the presses the runner takes on them in a row (only the
-        latest is kept: the runner's order is every press of one example or batch, then the next)."""
-        key = tuple(example.id for example in examples)
-        latest: Reference | None = self.__dict__.get("_latest_reference")
-        if latest is None or latest.key != key:
-            self.__dict__["_latest_reference"] = None  # free the previous one before making the next
-            prompt_tokens = self._tokens[examples[0].id].prompt_tokens
-            steps = ids.shape[1] - prompt_tokens
-            with torch.no_grad():
-                logits = model(ids[:, :-1], logits_to_keep=steps).logits
-            shared = share_prefill(model, {"input_ids": ids[:, :prompt_tokens]})
-            latest = Reference(key, F.log_softmax(logits.float(), dim=-1), shared)
-            self.__dict__["_latest_reference"] = latest
-        return latest
+    def _make_reference(self, model: PreTrainedModel, ids: torch.Tensor, prompt_tokens: int) -> Reference:
+        with torch.no_grad():
+            logits = model(ids[:, :-1], logits_to_keep=ids.shape[1] - prompt_tokens).logits
+        shared = share_prefill(model, {"input_ids": ids[:, :prompt_tokens]})
+        return Reference(F.log_softmax(logits.float(), dim=-1), shared)
 
     @torch.no_grad()
     def _forced(self, model: PreTrainedModel, processor: Any, press: Press, examples: list[Example]) -> list[Outcome]:
@@ -95,7 +87,8 @@ class TeacherForcedTask:
         ids = torch.tensor([t.ids for t in tokens], device=model.device)
         prompt_tokens = tokens[0].prompt_tokens
         check_prompt_length(model, ids.shape[1])
-        reference = self._reference(model, examples, ids)
+        key = tuple(example.id for example in examples)
+        reference = self._reference.get(key, lambda: self._make_reference(model, ids, prompt_tokens))
         steps = []
         with press.attach(model):
             cache, last, prefill_seconds, replayed = prefill_cache(

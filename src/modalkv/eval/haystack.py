@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from modalkv.api import check_prompt_length
 from modalkv.compat import CACHE_KWARG
 from modalkv.eval.synthetic import region, variant
-from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, LatestPrompt, Outcome, tokenizer_of
+from modalkv.eval.tasks import IMAGE_PLACEHOLDER, Example, Latest, Outcome, PreparedPrompt, prepare_prompt, tokenizer_of
 from modalkv.generation import SharedPrefill, prefill_cache
 from modalkv.multimodal import is_processor
 from modalkv.presses import Press
@@ -81,7 +81,7 @@ class HaystackTask:
     seed: int = 0
     name: ClassVar[str] = "haystack"
     in_average: ClassVar[bool] = True
-    _prompt: LatestPrompt = field(default_factory=LatestPrompt, init=False, repr=False)  # the example in hand
+    _prompt: Latest[PreparedPrompt] = field(default_factory=Latest, init=False, repr=False)  # the example in hand
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -150,7 +150,7 @@ class HaystackTask:
 
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
         tokenizer = tokenizer_of(processor)
-        prompt = self._prompt(model, processor, example)
+        prompt = self._prompt.get((example.task, example.id), lambda: prepare_prompt(model, processor, example))
         deferred = example.info["family"] == "deferred"
         question = tokenizer(QUESTION, add_special_tokens=False).input_ids if deferred else []
         answer = tokenizer(" " + example.reference, add_special_tokens=False).input_ids

@@ -45,9 +45,11 @@ from modalkv.eval.tasks import (
     IMAGE_PLACEHOLDER,
     Example,
     Failure,
-    LatestPrompt,
+    Latest,
     Outcome,
+    PreparedPrompt,
     encode_example,
+    prepare_prompt,
     tokenizer_of,
 )
 from modalkv.generation import SharedPrefill, prefill_cache
@@ -235,7 +237,7 @@ class SyntheticTask:
     name: ClassVar[str] = "synthetic"
     in_average: ClassVar[bool] = True
     _prior: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # option -> log-likelihood
-    _prompt: LatestPrompt = field(default_factory=LatestPrompt, init=False, repr=False)  # the example in hand
+    _prompt: Latest[PreparedPrompt] = field(default_factory=Latest, init=False, repr=False)  # the example in hand
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -296,7 +298,7 @@ class SyntheticTask:
 
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome:
         tokenizer = tokenizer_of(processor)
-        prompt = self._prompt(model, processor, example)
+        prompt = self._prompt.get((example.task, example.id), lambda: prepare_prompt(model, processor, example))
         words = example.info["options"]
         options = [_ids(tokenizer, f" {word}") for word in words]
         inputs = {**prompt.inputs, **({"patches": prompt.patches} if prompt.patches is not None else {})}

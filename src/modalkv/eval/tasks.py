@@ -12,9 +12,10 @@ import importlib
 import json
 import pkgutil
 import types
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 from transformers import PreTrainedModel
@@ -32,6 +33,7 @@ from modalkv.presses import Press
 
 IMAGE_PLACEHOLDER = "<ImageHere>"  # where an image goes in `Example.prompt` (MileBench's own marker)
 IMAGE_STANDIN = "[image]"  # what a text-only model reads in place of each image
+T = TypeVar("T")
 
 # Tasks named in the plan whose module has not landed yet: asked for, they get this message instead of "unknown".
 PLANNED: dict[str, str] = {}
@@ -92,10 +94,27 @@ class Task(Protocol):
     def evaluate(self, model: PreTrainedModel, processor: Any, press: Press, example: Example) -> Outcome: ...
 
 
+class Latest(Generic[T]):
+    """One value, made for the latest key and kept while the runner takes every press on the same example (or batch)
+    in a row (its order: every press of one, then the next); a new key frees the old value before making its own."""
+
+    def __init__(self) -> None:
+        self._key: Hashable | None = None
+        self._value: T | None = None
+
+    def get(self, key: Hashable, make: Callable[[], T]) -> T:
+        if key != self._key:
+            self._key, self._value = None, None
+            self._value, self._key = make(), key
+        return self._value
+
+
+@dataclass
 class GenerationTask:
     """Greedy generation then `score()`; subclasses (dataclasses) define `load()` and `score()`."""
 
     in_average: ClassVar[bool] = True
+    _shared_prefill: Latest[SharedPrefill | None] = field(default_factory=Latest, init=False, repr=False, compare=False)
 
     def score(self, prediction: str, example: Example) -> float:
         raise NotImplementedError
@@ -166,14 +185,9 @@ class GenerationTask:
         self, model: PreTrainedModel, examples: list[Example], inputs: dict[str, torch.Tensor]
     ) -> SharedPrefill | None:
         """The examples' text prompts (one, or a left-padded batch) prefilled once for all the presses the runner
-        takes on them in a row: only the latest one is kept (the runner's order: every press of one example or
-        batch, then the next)."""
-        memo = self.__dict__.setdefault("_shared_prefills", {})
+        takes on them in a row."""
         key = tuple((example.task, example.id) for example in examples)
-        if key not in memo:
-            memo.clear()
-            memo[key] = share_prefill(model, inputs)
-        return memo[key]
+        return self._shared_prefill.get(key, lambda: share_prefill(model, inputs))
 
 
 def decodes_together(press: Press) -> bool:
@@ -244,11 +258,11 @@ def encode_example(
 
 @dataclass
 class PreparedPrompt:
-    """One example's prompt as every press of a grid reads it, made once (`prepare_prompt`): the model's inputs (a
-    mini-VLM's images already embedded: the vision tower is no part of what a press changes), the modality and patch
-    maps, and the prefill forward recorded for replay (`generation.share_prefill`; None where it cannot be shared)."""
+    """One example's prompt as every press of a grid reads it, made once (`prepare_prompt`, kept in a `Latest`): the
+    model's inputs (a mini-VLM's images already embedded: the vision tower is no part of what a press changes), the
+    modality and patch maps, and the prefill forward recorded for replay (`generation.share_prefill`; None where it
+    cannot be shared)."""
 
-    key: tuple[str, str]  # (task, example id)
     inputs: dict[str, torch.Tensor]
     modality: torch.Tensor | None
     patches: torch.Tensor | None
@@ -263,20 +277,7 @@ def prepare_prompt(model: PreTrainedModel, processor: Any, example: Example) -> 
     modality = None if modality is None else modality.to(model.device)
     patches = inputs.pop("patches", None)
     shared = share_prefill(model, inputs, modality, patches)
-    return PreparedPrompt((example.task, example.id), inputs, modality, patches, shared)
-
-
-class LatestPrompt:
-    """The last example's `PreparedPrompt`, kept for the presses the runner takes on it in a row (a task's
-    `evaluate` calls it with each press; a new example replaces it)."""
-
-    def __init__(self) -> None:
-        self._prompt: PreparedPrompt | None = None
-
-    def __call__(self, model: PreTrainedModel, processor: Any, example: Example) -> PreparedPrompt:
-        if self._prompt is None or self._prompt.key != (example.task, example.id):
-            self._prompt = prepare_prompt(model, processor, example)
-        return self._prompt
+    return PreparedPrompt(inputs, modality, patches, shared)
 
 
 # -- the registry ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class MiniVLMConfig(PretrainedConfig):
     def __init__(
         self,
         text_config: PretrainedConfig | None = None,
-        image_token_id: int = 0,
+        image_token_id: int | None = None,  # None only in a config built from nothing: no id is a safe default
         image_size: int = 224,
         **kwargs,
     ):

@@ -27,6 +27,14 @@ def model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct and its tokenizer (the real-model tests share one)."""
+    from modalkv import load_model
+
+    return load_model("smollm2-135m")
+
+
 @pytest.fixture
 def prompt() -> torch.Tensor:
     return torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(1))

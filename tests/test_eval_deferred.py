@@ -7,15 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from modalkv import cli, get_press, load_model
+from modalkv import cli, get_press
 from modalkv.eval.deferred import ASK, DeferredTask
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model()
 
 
 @pytest.fixture(scope="module")

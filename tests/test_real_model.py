@@ -3,16 +3,11 @@
 import pytest
 import torch
 
-from modalkv import CompressedCache, get_press, load_model
+from modalkv import CompressedCache, get_press
 from modalkv.eval.passkey import passkey_example
 from modalkv.generation import encode_prompt, generate_timed
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model()
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_ablations_and_method_tables_pair_each_setting_with_its_default():
         + family("retentivekv", 0.1, [0.0] * 10, deferred)
         + family("snapkv", 0.1, [1.0] * 10, deferred)
     )
-    table = claims.ablations(rows)
+    table = claims.ablations(rows, claims.FAMILIES)
     assert "| madakv | 0.1 | 100 (n=10) | 50 (n=10) | - |" in table
     assert "| madakv(mpa=False) | 0.1 | 0 (-100, 0.002 *) | 50 (+0, 1) | - |" in table
     versus = claims.versus_all(rows, "retentivekv", 0.1, deferred)

@@ -165,6 +165,9 @@ def test_report_rebuilds_table_figures_and_page_from_jsonl(base_run, tmp_path):
     text = page.read_text()
     assert "](results-figures/accuracy_vs_budget.png)" in text and "](results-figures/tasks_at_0.5.png)" in text
     assert "| streaming_llm | 0.5 |" in text and "milebench/Broken: 1 failed" in text
+    # what each score is, for the run's own tasks only
+    assert "(passkey: exact key; fidelity: top-1 agreement" in text and "milebench: each dataset's own metric" in text
+    assert "haystack:" not in text and "synthetic:" not in text
     rows = [[line for line in out.splitlines() if line.startswith("│")] for out in (base_run[1].stdout, result.stdout)]
     assert rows[0] == rows[1] and len(rows[0]) == 3  # the table `eval` printed, again from the JSONL alone
     summary = json.loads((figures / "summary.json").read_text())

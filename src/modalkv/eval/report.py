@@ -319,6 +319,21 @@ def write_figures(summary: Summary, folder: Path, bar_budget: float | int | None
     return paths
 
 
+# What a task's score is, for the results page (by the task's name, the part of a column before "/")
+SCORES = {
+    "passkey": "exact key",
+    "milebench": "each dataset's own metric",
+    "fidelity": "top-1 agreement with the full cache, with its KL in nats/token",
+    "deferred": "every key token the compressed model's top-1 at its step of the teacher-forced continuation, "
+    "chance ~0, with the KL to the full cache at the key (`kl_key`) and over the continuation (`kl`), in nats/token",
+    "synthetic": "the right option ranked first by likelihood, chance 1/4 with the default 4 options, with its margin "
+    "in nats",
+    "haystack": "greedy decoding writes the 5-digit key, chance ~0, with the share of the key's tokens right",
+    "photos": "the answer names the photo, or gives the target's image number; chance 1/6 for one photo, about 1/N "
+    "among N",
+}
+
+
 def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -> str:
     """The results page: what was run, the table, the figures (linked relative to the page), the failures."""
     run = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")) if (run_dir / RUN_FILE).exists() else {}
@@ -338,11 +353,10 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
             "```",
             "",
         ]
+    kinds = dict.fromkeys(task.partition("/")[0] for task in summary.tasks)
+    meanings = "; ".join(f"{kind}: {SCORES[kind]}" for kind in kinds if kind in SCORES)
     lines += [
-        "Scores x100 (passkey: exact key; MileBench: each dataset's own metric; fidelity: top-1 agreement with the "
-        "full cache, with its KL in nats/token; synthetic: the right option ranked first by likelihood, chance 1/4 "
-        "with the default 4 options, with its margin in nats; haystack: greedy decoding writes the 5-digit key, "
-        "chance ~0, with the share of the key's tokens right). `cache`: kept KV bytes / uncompressed KV bytes (what "
+        f"Scores x100 ({meanings}). `cache`: kept KV bytes / uncompressed KV bytes (what "
         "transformers' own cache holds: its sliding-window layers keep their window); `global`, for a model with "
         "sliding-window layers: the same over its global layers, where the budget applies. Brackets: the 95% "
         "interval (Wilson for 0/1 scores, over all the examples for the average; else a percentile bootstrap that, for "

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from modalkv import cli
 from modalkv.eval.photos import AMBIGUOUS, IMAGE_COUNTS, PhotosTask, first_number
-from modalkv.eval.tasks import IMAGE_PLACEHOLDER
+from modalkv.eval.tasks import IMAGE_PLACEHOLDER, build_task
 from modalkv.vlm.images import PHOTOS
 
 
@@ -33,6 +33,15 @@ def test_questions_are_drawn_as_documented():
     again, _ = PhotosTask(per_count=8).load(None)
     other, _ = PhotosTask(per_count=8, seed=1).load(None)
     assert again == examples and other != examples
+
+
+def test_bad_options_are_refused_by_name():
+    with pytest.raises(ValueError, match="per_count must be at least 1"):
+        build_task("photos", {"per_count": "0"})
+    with pytest.raises(ValueError, match="samples must be at least 1"):
+        build_task("deferred", {"samples": "0"})
+    with pytest.raises(ValueError, match="tokens must be at least 100"):
+        build_task("deferred", {"tokens": "20"})
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,14 @@ class DeferredTask(TeacherForcedTask):
     name: ClassVar[str] = "deferred"
     in_average: ClassVar[bool] = True  # recovered or not: an accuracy
 
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
+        if self.tokens < 100:
+            raise ValueError(
+                f"tokens must be at least 100 (the question and the continuation's lead-in), got {self.tokens}"
+            )
+
     def load(self, processor: Any) -> tuple[list[Example], list[Failure]]:
         tokenizer = tokenizer_of(processor)
         examples = []

@@ -54,6 +54,10 @@ class PhotosTask(GenerationTask):
     max_new_tokens: int = 16
     name: ClassVar[str] = "photos"
 
+    def __post_init__(self) -> None:
+        if self.per_count < 1:
+            raise ValueError(f"per_count must be at least 1, got {self.per_count}")
+
     def load(self, processor: Any) -> tuple[list[Example], list[Failure]]:
         examples = [self._example("single", name, [name], name, SINGLE_QUESTION) for name in sorted(_photos())]
         for kind in ("which", "nth"):

@@ -17,10 +17,9 @@ from typing import Any, ClassVar
 import torch
 
 from modalkv.eval.forced import ForcedTokens, TeacherForcedTask, kl_divergence
-from modalkv.eval.passkey import passkey_example
+from modalkv.eval.passkey import QUESTION, passkey_example
 from modalkv.eval.tasks import Example, Failure, tokenizer_of
 
-QUESTION = "\nWhat is the pass key?"
 ASK = "\nList the facts of the text in order, starting with the colours."
 CONTINUATION = " The grass is green. The sky is blue. The sun is yellow. The pass key is {key}."
 
@@ -50,7 +49,7 @@ class DeferredTask(TeacherForcedTask):
             seed = self.seed + index
             depth = random.Random(seed).uniform(0.1, 0.7)
             passkey = passkey_example(tokenizer, self.tokens, depth, seed)
-            prompt = passkey.text.rsplit(QUESTION, 1)[0] + ASK
+            prompt = passkey.text.removesuffix(QUESTION) + ASK
             prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
             continuation = tokenizer(CONTINUATION.format(key=passkey.answer), add_special_tokens=False).input_ids
             key_tokens = len(tokenizer(f" {passkey.answer}.", add_special_tokens=False).input_ids) - 1  # not the "."

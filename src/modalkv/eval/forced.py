@@ -31,12 +31,6 @@ class ForcedTokens:
     ids: tuple[int, ...]
     prompt_tokens: int
 
-    @property
-    def steps(self) -> int:
-        """Positions that predict a continuation token: the prompt's last one and every continuation token's but the
-        last one's."""
-        return len(self.ids) - self.prompt_tokens
-
 
 @dataclass
 class Reference:
@@ -76,8 +70,7 @@ class TeacherForcedTask:
         return self._forced(model, processor, press, examples)
 
     def _make_reference(self, model: PreTrainedModel, ids: torch.Tensor, prompt_tokens: int) -> Reference:
-        with torch.no_grad():
-            logits = model(ids[:, :-1], logits_to_keep=ids.shape[1] - prompt_tokens).logits
+        logits = model(ids[:, :-1], logits_to_keep=ids.shape[1] - prompt_tokens).logits  # under `_forced`'s no_grad
         shared = share_prefill(model, {"input_ids": ids[:, :prompt_tokens]})
         return Reference(F.log_softmax(logits.float(), dim=-1), shared)
 

@@ -17,7 +17,7 @@ _INTRO = (
 )
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-_QUESTION = "\nWhat is the pass key? The pass key is"
+QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,11 @@ def passkey_example(tokenizer: PreTrainedTokenizerBase, num_tokens: int, depth: 
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     key = str(random.Random(seed).randint(10_000, 99_999))
     needle = _NEEDLE.format(key=key)
-    fixed = len(tokenizer(_INTRO + needle + _QUESTION, add_special_tokens=False).input_ids)
+    fixed = len(tokenizer(_INTRO + needle + QUESTION, add_special_tokens=False).input_ids)
     per_filler = len(tokenizer(_FILLER * 10, add_special_tokens=False).input_ids) / 10
     repeats = max(1, round((num_tokens - fixed) / per_filler))
     before = round(repeats * depth)
-    text = _INTRO + _FILLER * before + needle + _FILLER * (repeats - before) + _QUESTION
+    text = _INTRO + _FILLER * before + needle + _FILLER * (repeats - before) + QUESTION
     return PasskeyExample(text=text, answer=key, depth=depth)
 
 

@@ -65,13 +65,14 @@ class PhotosTask(GenerationTask):
                 rng = random.Random(f"{self.seed}/photos/{kind}-{count}")
                 for index in range(self.per_count):
                     shown = self._draw(rng, count)
-                    target = shown[index % count]
+                    position = index % count  # the targets rotate over the positions
+                    target = shown[position]
                     question = (
                         WHICH_QUESTION.format(subject=_photos()[target].subject)
                         if kind == "which"
-                        else NTH_QUESTION.format(k=shown.index(target) + 1)
+                        else NTH_QUESTION.format(k=position + 1)
                     )
-                    reference = str(shown.index(target) + 1) if kind == "which" else target
+                    reference = str(position + 1) if kind == "which" else target
                     examples.append(self._example(f"{kind}-{count}", str(index), shown, reference, question))
         return examples, []
 

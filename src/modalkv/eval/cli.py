@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +18,14 @@ from modalkv.eval import report, runner
 from modalkv.eval.tasks import Failure, build_task
 from modalkv.models import DEFAULT_MODEL, load_model, parse_dtype
 from modalkv.presses import split_methods
+
+LOG_EVERY_SECONDS = 60.0  # progress lines in a log (no terminal): at most one a minute, and the last one
+
+
+def progress_line(done: int, total: int, seconds: float, label: str) -> str:
+    """One line of progress for a log, where rich's bars draw nothing: a batch job would say nothing for hours."""
+    left = seconds / done * (total - done)
+    return f"{done}/{total} records, {seconds / 60:.1f} min, about {left / 60:.0f} min left (last: {label})"
 
 
 def _split(text: str) -> list[str]:
@@ -130,6 +139,9 @@ def eval_command(
             f"all (rank {state.process_index}/{state.num_processes})", total=columns_left.total()
         )
         bars = {column: progress.add_task(column, total=total) for column, total in columns_left.items()}
+        logged = state.is_main_process and not console.is_terminal
+        start = last_line = time.monotonic()
+        done = 0
         for item in work:
             first = item.examples[0].task
             together = f" x {len(item.examples)}" if len(item.examples) > 1 else ""
@@ -144,6 +156,11 @@ def eval_command(
                     column = result["task"]
                 progress.advance(bars[column])
                 progress.advance(overall)
+                done += 1
+                if logged and (time.monotonic() - last_line >= LOG_EVERY_SECONDS or done == columns_left.total()):
+                    last_line = time.monotonic()
+                    line = progress_line(done, columns_left.total(), last_line - start, label)
+                    console.print(line, markup=False, highlight=False, soft_wrap=True)
     records.close()
     failed.close()
     state.wait_for_everyone()

@@ -233,29 +233,6 @@ def test_the_table_adds_the_global_layers_ratio_only_for_hybrid_models():
         assert report.table(report.summarize(records))[0][2:4] == ["cache", "passkey (n=1)"]
 
 
-def test_a_column_of_fractions_keeps_its_bootstrap_where_a_row_scores_exactly_one():
-    """Fidelity's full cache agrees on every token of every window (all 1.0): its interval is the column's kind
-    (a bootstrap, here the point), not Wilson's for 0/1 scores, which would read 3 windows as 3 coin flips."""
-
-    def record(method: str, budget: float, example: str, score: float) -> dict:
-        return dict(
-            task="fidelity", example=example, method=method, budget=budget, score=score, metrics={}, in_average=True,
-            cache_ratio=budget,
-        )  # fmt: skip
-
-    fractions = [0.75, 0.5, 0.875]
-    summary = report.summarize(
-        [record("full", 1.0, str(i), 1.0) for i in range(3)]
-        + [record("snapkv", 0.2, str(i), score) for i, score in enumerate(fractions)]
-    )
-    full, snapkv = summary.rows
-    assert full.intervals["fidelity"] == (1.0, 1.0) and full.average_interval == (1.0, 1.0)
-    assert snapkv.intervals["fidelity"][0] >= min(fractions)  # a bootstrap stays inside the observed values
-    assert {c.test for c in summary.comparisons} == {"sign-flip"}
-    binary = report.summarize([record("full", 1.0, str(i), 1.0) for i in range(3)])  # 0/1 scores: Wilson
-    assert binary.rows[0].intervals["fidelity"][0] < 0.5
-
-
 def test_presses_of_a_grid():
     presses = runner.make_presses(["full", "snapkv", "random", "streaming_llm"], [0.1, 0.5], {"window_size": 8})
     labels = [(p.label(), p.budget) for p in presses]

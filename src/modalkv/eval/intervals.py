@@ -42,21 +42,21 @@ def bootstrap(groups: list[list[float]], resamples: int = RESAMPLES, seed: int =
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
 
 
-def interval(values: list[float], binary: bool | None = None) -> tuple[float, float]:
-    """95% interval of the mean of `values`: Wilson for 0/1 scores, else a bootstrap. `binary` says which the scores
-    are when the caller knows it from more than these values (a column whose full-cache scores are all exactly 1 is
-    still a column of fractions); by default the values decide."""
-    if is_binary(values) if binary is None else binary:
+def interval(values: list[float]) -> tuple[float, float]:
+    """95% interval of the mean of `values`: Wilson for 0/1 scores, else a bootstrap. Fractions that all happen to be
+    0 or 1 (a method that agrees on every token of 3 fidelity windows) get Wilson's too, on purpose: a bootstrap of
+    equal values is a point, claiming a certainty 3 windows do not give (the full cache's row is 1 by construction,
+    and its Wilson interval is merely conservative)."""
+    if is_binary(values):
         return wilson(sum(values), len(values))
     return bootstrap([values])
 
 
-def average_interval(groups: list[list[float]], binary: bool | None = None) -> tuple[float, float]:
+def average_interval(groups: list[list[float]]) -> tuple[float, float]:
     """95% interval of the mean of the groups' means (an average over task columns): for 0/1 scores, Wilson's at that
-    mean over all the examples (a bootstrap collapses at 0 or 100%); else a bootstrap resampling each group. `binary`
-    as for `interval`."""
+    mean over all the examples (a bootstrap collapses at 0 or 100%); else a bootstrap resampling each group."""
     values = [v for group in groups for v in group]
-    if is_binary(values) if binary is None else binary:
+    if is_binary(values):
         n = len(values)
         return wilson(statistics.fmean(statistics.fmean(group) for group in groups) * n, n)
     return bootstrap(groups)
@@ -100,18 +100,14 @@ class Comparison:
     test: str  # "McNemar" (0/1 scores) or "sign-flip"
 
 
-def compare(
-    method: dict, reference: dict, names: tuple[str, float | int, str], binary: bool | None = None
-) -> Comparison | None:
-    """Paired comparison of two {example key: score} maps on their common keys; None if they share none. `binary` as
-    for `interval`."""
+def compare(method: dict, reference: dict, names: tuple[str, float | int, str]) -> Comparison | None:
+    """Paired comparison of two {example key: score} maps on their common keys; None if they share none."""
     keys = sorted(method.keys() & reference.keys())
     if not keys:
         return None
     differences = [method[k] - reference[k] for k in keys]
     better, worse = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
-    if binary is None:
-        binary = is_binary([method[k] for k in keys] + [reference[k] for k in keys])
+    binary = is_binary([method[k] for k in keys] + [reference[k] for k in keys])
     p_value = mcnemar(better, worse) if binary else sign_flip(differences)
     return Comparison(
         *names, len(keys), statistics.fmean(differences), better, worse, p_value, "McNemar" if binary else "sign-flip"

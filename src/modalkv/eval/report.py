@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modalkv.eval.intervals import Comparison, average_interval, bootstrap, compare, interval, is_binary
+from modalkv.eval.intervals import Comparison, average_interval, bootstrap, compare, interval
 from modalkv.eval.runner import RUN_FILE, read_failures, read_records
 
 if TYPE_CHECKING:
@@ -68,9 +68,6 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
     ordered = sorted(records, key=lambda r: (first[r["task"]], r["info"]["length"] if r["task"] in by_length else 0))
     tasks = list(dict.fromkeys(r["column"] for r in ordered))  # in the order tasks first appear, lengths ascending
     averaged = [t for t in tasks if all(r["in_average"] for r in records if r["column"] == t)]
-    # a column's kind of score is the column's, not a row's: fidelity's full cache agrees on every token (all 1.0)
-    binary = {t: is_binary([r["score"] for r in records if r["column"] == t]) for t in tasks}
-    binary_average = all(binary[t] for t in averaged)
     found = {t: [r["prompt_tokens"] for r in records if r["column"] == t and r.get("prompt_tokens")] for t in tasks}
     prompt_tokens = {t: [min(lengths), max(lengths)] for t, lengths in found.items() if lengths}
     methods = list(dict.fromkeys(["full", *(r["method"] for r in records)]))
@@ -83,7 +80,7 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
             scores = [r["score"] for r in mine if r["column"] == task]
             if scores:
                 row.scores[task], row.counts[task] = statistics.mean(scores), len(scores)
-                row.intervals[task] = interval(scores, binary[task])
+                row.intervals[task] = interval(scores)
             for name in dict.fromkeys(m for r in mine if r["column"] == task for m in r["metrics"]):
                 if name != "top1":  # the score already is top-1 agreement
                     values = [r["metrics"][name] for r in mine if r["column"] == task and name in r["metrics"]]
@@ -96,7 +93,7 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
         if averaged and all(t in row.scores for t in averaged):
             row.average = statistics.mean(row.scores[t] for t in averaged)
             groups = [[r["score"] for r in mine if r["column"] == t] for t in averaged]
-            row.average_interval = average_interval(groups, binary_average)
+            row.average_interval = average_interval(groups)
         paired[method, budget] = {(r["column"], r["example"]): r["score"] for r in mine if r["column"] in averaged}
         metric_names += [m for m in row.metrics if m not in metric_names]
         rows.append(row)
@@ -106,7 +103,7 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
         for reference in references if method != "full" else []:
             if reference in paired:
                 name = "full" if reference[0] == "full" else f"snapkv@{budget:g}"
-                found = compare(paired[method, budget], paired[reference], (method, budget, name), binary_average)
+                found = compare(paired[method, budget], paired[reference], (method, budget, name))
                 comparisons += [found] if found is not None else []
     seconds = sum(r.get("seconds") or 0.0 for r in records)
     return Summary(

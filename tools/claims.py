@@ -347,7 +347,7 @@ def page() -> str:
         "",
         *ablations(runs["minivlm-gemma3-haystack-2k"], FAMILIES),
         "",
-        "On 40 haystack examples per family (2k tokens): both defaults and RetentiveKV's attention-only setting, the",
+        "On 100 haystack examples per family (2k tokens): both defaults and RetentiveKV's attention-only setting, the",
         "one that differed most above; then RetentiveKV's read-out and attention-only setting on text deferred",
         "importance (SmolLM2-135M, 20 prompts):",
         "",

@@ -135,10 +135,9 @@ def eval_command(
     ]
     with Progress(*columns, console=console, disable=not state.is_main_process) as progress:
         columns_left = Counter(example.task for item in work for example in item.examples)
-        overall = progress.add_task(
-            f"all (rank {state.process_index}/{state.num_processes})", total=columns_left.total()
-        )
-        bars = {column: progress.add_task(column, total=total) for column, total in columns_left.items()}
+        total = columns_left.total()
+        overall = progress.add_task(f"all (rank {state.process_index}/{state.num_processes})", total=total)
+        bars = {column: progress.add_task(column, total=count) for column, count in columns_left.items()}
         logged = state.is_main_process and not console.is_terminal
         start = last_line = time.monotonic()
         done = 0
@@ -157,9 +156,9 @@ def eval_command(
                 progress.advance(bars[column])
                 progress.advance(overall)
                 done += 1
-                if logged and (time.monotonic() - last_line >= LOG_EVERY_SECONDS or done == columns_left.total()):
+                if logged and (time.monotonic() - last_line >= LOG_EVERY_SECONDS or done == total):
                     last_line = time.monotonic()
-                    line = progress_line(done, columns_left.total(), last_line - start, label)
+                    line = progress_line(done, total, last_line - start, label)
                     console.print(line, markup=False, highlight=False, soft_wrap=True)
     records.close()
     failed.close()

@@ -1,5 +1,6 @@
 """Presses on hand-made tensors: the kept set is what each definition gives."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from modalkv import get_press
 from modalkv.presses.base import check_budget, tokens_for_budget
+from modalkv.presses.scoring import accumulated_attention
 
 
 @pytest.mark.parametrize("budget", [0.2, 1.0, 1, 2, 4096])
@@ -89,6 +91,28 @@ def test_snapkv_max_pooling_option():
     assert (peak >= avg - 1e-7).all() and not torch.allclose(peak, avg)
     with pytest.raises(ValueError, match="pooling must be 'avg' or 'max'"):
         get_press("snapkv", budget=0.5, pooling="median")
+
+
+def test_accumulated_attention_equals_the_dense_causal_sum_over_every_query():
+    # 300 tokens: two chunks of queries; the first 5 are left padding, which gives and gets no attention
+    is_real = torch.tensor([[False] * 5 + [True] * 295, [True] * 300])
+    inputs = make_inputs(batch=2, seq=300, is_real=is_real)
+    keys = inputs.keys.repeat_interleave(2, dim=1)  # 4 query heads on 2 KV heads
+    logits = inputs.queries @ keys.transpose(2, 3) * inputs.scaling
+    visible = torch.ones(300, 300, dtype=torch.bool).tril() & is_real[:, None, None, :]
+    weights = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
+    dense = weights.sum(dim=2).view(2, 2, 2, 300).mean(2)  # summed over queries, averaged over a group's heads
+    torch.testing.assert_close(accumulated_attention(inputs), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulated_attention_is_computed_once_per_layer_and_copied_to_each_caller():
+    inputs = make_inputs(seq=40)
+    first = accumulated_attention(inputs)
+    first.fill_(0.0)  # a caller's copy: changing it leaves what the next press gets alone
+    inputs.derived["accumulated_attention"] += 1.0  # a second call reads the kept result, not a new pass
+    torch.testing.assert_close(accumulated_attention(inputs), accumulated_attention(make_inputs(seq=40)) + 1.0)
+    replayed = dataclasses.replace(inputs, state={})  # how a cache replays a recorded prefill: the same results
+    assert replayed.derived is inputs.derived
 
 
 def test_pad_tokens_are_never_selected():

@@ -38,6 +38,9 @@ class PrefillInputs:
     modality: torch.Tensor | None = None  # [B, S] long: TEXT, IMAGE or VIDEO per token (modality.py); None: text
     patches: torch.Tensor | None = None  # [B, S, 3] long: (image, row, column) of visual tokens, else -1; with modality
     state: dict = field(default_factory=dict)  # per cache, shared by its layers (budgets carried layer to layer)
+    # Budget-free results computed from this layer's queries and keys (e.g. accumulated attention), by name. A replayed
+    # prefill (`CompressedCache.replay_prefill`) hands every press the same dict, so a grid computes them once.
+    derived: dict[str, torch.Tensor] = field(default_factory=dict)
     num_compressed_layers: int | None = None  # layers the press compresses (hybrid models: the global ones)
 
     @property

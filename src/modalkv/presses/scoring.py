@@ -90,7 +90,12 @@ def pooled_window_attention(inputs: PrefillInputs, window_size: int, kernel_size
 
 def accumulated_attention(inputs: PrefillInputs) -> torch.Tensor:
     """[B, H_kv, S] attention each key receives, summed over all (real) prompt queries and averaged over the query
-    heads of its KV group. Computed in chunks of queries: memory O(chunk * S), not O(S^2)."""
+    heads of its KV group. Computed in chunks of queries, each against the keys it can see (causal: half the
+    products of a full S x S pass): memory O(chunk * S), not O(S^2). Kept in `inputs.derived`, so the presses of a
+    replayed prefill (H2O and LOOK-M at every budget of a grid) pay this O(S^2) pass once per layer; each caller gets
+    its own copy (a press may change its scores in place)."""
+    if "accumulated_attention" in inputs.derived:
+        return inputs.derived["accumulated_attention"].clone()
     batch, num_heads, seq, dim = inputs.queries.shape
     kv_heads = inputs.num_kv_heads
     groups = num_heads // kv_heads
@@ -100,12 +105,13 @@ def accumulated_attention(inputs: PrefillInputs) -> torch.Tensor:
     for start in range(0, seq, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, seq)
         queries = inputs.queries[:, :, start:stop].float().reshape(batch, kv_heads, groups * (stop - start), dim)
-        visible = key_columns <= torch.arange(start, stop, device=keys_t.device)[:, None]  # [c, S] causal
-        visible = visible.repeat(groups, 1) & inputs.is_real[:, None, None, :]  # [B, 1, G * c, S]
-        logits = torch.matmul(queries, keys_t).mul_(inputs.scaling).masked_fill_(~visible, float("-inf"))
+        visible = key_columns[:stop] <= torch.arange(start, stop, device=keys_t.device)[:, None]  # [c, stop] causal
+        visible = visible.repeat(groups, 1) & inputs.is_real[:, None, None, :stop]  # [B, 1, G * c, stop]
+        logits = torch.matmul(queries, keys_t[..., :stop]).mul_(inputs.scaling).masked_fill_(~visible, float("-inf"))
         weights = logits.softmax(dim=-1).nan_to_num_(0.0)  # padding queries see nothing: rows of NaN -> 0
-        total += weights.sum(dim=2) / groups
-    return total
+        total[..., :stop] += weights.sum(dim=2) / groups
+    inputs.derived["accumulated_attention"] = total
+    return total.clone()
 
 
 def top_within(scores: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

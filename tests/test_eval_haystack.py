@@ -122,6 +122,8 @@ def test_text_only_model_and_bad_options_are_refused(vlm):
         build_task("haystack", {"families": "needle,nope"})
     with pytest.raises(ValueError, match="tokens must be at least 200"):
         build_task("haystack", {"tokens": "100"})
+    with pytest.raises(ValueError, match="samples must be at least 1, got 0"):
+        build_task("haystack", {"samples": "0"})
 
 
 def test_eval_runs_the_suite_on_the_mini_vlm(vlm, tmp_path):

@@ -89,6 +89,8 @@ class HaystackTask:
             raise ValueError(f"families must be among {', '.join(FAMILIES)}, got {', '.join(unknown)}")
         if self.tokens < 200:
             raise ValueError(f"tokens must be at least 200 (a few pictures and the question), got {self.tokens}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
 
     def load(self, processor: Any) -> tuple[list[Example], list]:
         if not is_processor(processor) or not hasattr(processor, "grid"):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from modalkv import cli, get_press
 from modalkv.cli_common import command_line
-from modalkv.eval import report, runner
+from modalkv.eval import report, runner, tasks
 from modalkv.eval.tasks import build_task
 from modalkv.presses import METHODS, parse_method, split_methods
 
@@ -139,6 +139,32 @@ def test_a_batched_run_writes_the_records_of_one_example_at_a_time(tiny, base_ru
     )
     failures = [json.loads(line) for line in (out / "failures.rank0.jsonl").read_text().splitlines()]
     assert sorted(f["task"] for f in failures) == ["milebench/ActionSequence", "milebench/Broken"]
+
+
+def test_a_press_that_takes_a_batch_one_example_at_a_time_replays_its_batch_prefill(tiny, tmp_path, monkeypatch):
+    """`random` cannot decode rows together: after the batch's other presses it takes each example alone, on that
+    example's row of the batch's prefill (no forward of its own), with the records of a run without batches."""
+    rows_prefilled = []
+    record_prefill = tasks.share_prefill
+
+    def counted(model, inputs):
+        rows_prefilled.append(inputs["input_ids"].shape[0])
+        return record_prefill(model, inputs)
+
+    monkeypatch.setattr(tasks, "share_prefill", counted)
+    alone = run_eval(tiny, tmp_path / "alone", "full,random")
+    assert alone.exit_code == 0, alone.output
+    assert rows_prefilled and set(rows_prefilled) == {1}
+    rows_prefilled.clear()
+    batched = run_eval(tiny, tmp_path / "batched", "full,random", "--batch-size", "3")
+    assert batched.exit_code == 0, batched.output
+    assert rows_prefilled and 1 not in rows_prefilled  # every prompt's prefill ran within its batch's
+    deterministic = ("prediction", "score", "cache_bytes", "full_cache_bytes", "prompt_tokens", "reference")
+    generated = [r for r in lines(tmp_path / "batched") if r["task"] != "fidelity"]
+    assert {r["method"] for r in generated if r["batch"] == 1} == {"random(seed=0)"}
+    assert comparable(generated, deterministic) == comparable(
+        [r for r in lines(tmp_path / "alone") if r["task"] != "fidelity"], deterministic
+    )
 
 
 def comparable(records: list[dict], fields: tuple[str, ...]) -> list:

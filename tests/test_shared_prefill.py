@@ -74,6 +74,24 @@ def test_a_prompt_that_cannot_be_replayed_exactly_is_not_shared(model):
     assert share_prefill(model, one) is not None
 
 
+def test_a_row_of_a_batch_prefill_is_that_prompt_own_recorded_prefill(model):
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (1, n), generator=gen) for n in (40, 27)]
+    ids, mask = torch.zeros(2, 40, dtype=torch.long), torch.zeros(2, 40, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 40 - prompt.shape[1] :], mask[row, 40 - prompt.shape[1] :] = prompt, 1
+    batch = share_prefill(model, {"input_ids": ids, "attention_mask": mask})
+    for index, prompt in enumerate(prompts):
+        own = share_prefill(model, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
+        row = batch.row(index)
+        torch.testing.assert_close(row.first_logits, own.first_logits, rtol=0, atol=0)
+        assert row.seconds == batch.row_seconds[index] and len(row.layers) == len(own.layers)
+        for mine, theirs in zip(row.layers, own.layers, strict=True):
+            for name in ("queries", "keys", "values", "is_real"):
+                torch.testing.assert_close(getattr(mine, name), getattr(theirs, name), rtol=0, atol=0)
+                assert getattr(mine, name).is_contiguous()
+
+
 BATCH_INVARIANT = [method for method in REPLAYED if get_press(method).batch_invariant]
 
 

@@ -57,7 +57,31 @@ class SharedPrefill:
 
     layers: list[PrefillInputs]
     first_logits: torch.Tensor  # [B, vocab]
-    seconds: float  # the model's forward over the prompt
+    seconds: float  # the model's forward over the prompt (a batch: over each of its prompts, summed)
+    row_seconds: list[float]  # per row: the forward over that prompt alone
+
+    def row(self, index: int) -> SharedPrefill:
+        """The `index`-th prompt's own recorded prefill, its padding cut off: exactly what `share_prefill` records
+        for that prompt alone (a batch, of token ids only, records each prompt alone, then pads), so a press that
+        cannot decode rows together runs on its batch's prefill instead of a forward of its own."""
+        padding = int((~self.layers[0].is_real[index]).sum())
+
+        def cut(tensor: torch.Tensor) -> torch.Tensor:  # contiguous, as the prompt's own recording is
+            return tensor[index : index + 1, :, padding:].contiguous()
+
+        layers = [
+            replace(
+                layer,
+                queries=cut(layer.queries),
+                keys=cut(layer.keys),
+                values=cut(layer.values),
+                is_real=layer.is_real[index : index + 1, padding:].contiguous(),
+                derived={},
+            )
+            for layer in self.layers
+        ]
+        seconds = self.row_seconds[index]
+        return SharedPrefill(layers, self.first_logits[index : index + 1], seconds, [seconds])
 
 
 # Settings of a generation config that change which token greedy decoding picks from the logits. With none of them
@@ -102,7 +126,8 @@ def share_prefill(
         width = ids.shape[1]
         layers = [_left_padded(parts, width) for parts in zip(*(row.layers for row in rows), strict=True)]
         logits = torch.cat([row.first_logits for row in rows])
-        return SharedPrefill(layers, logits, sum(row.seconds for row in rows))
+        seconds = [row.seconds for row in rows]
+        return SharedPrefill(layers, logits, sum(seconds), seconds)
     return _record_prefill(model, inputs, modality, patches)
 
 
@@ -120,7 +145,7 @@ def _record_prefill(
         start = time.perf_counter()
         logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
         seconds = time.perf_counter() - start
-    return SharedPrefill(cache.recorded_prefill, logits, seconds)
+    return SharedPrefill(cache.recorded_prefill, logits, seconds, [seconds])
 
 
 @torch.no_grad()
@@ -162,6 +187,7 @@ def _left_padded(rows: tuple[PrefillInputs, ...], width: int) -> PrefillInputs:
         keys=torch.cat([pad(row.keys, 2) for row in rows]),
         values=torch.cat([pad(row.values, 2) for row in rows]),
         is_real=torch.cat([pad(row.is_real, 1, False) for row in rows]),
+        derived={},
     )
 
 

@@ -99,14 +99,14 @@ class Latest(Generic[T]):
     in a row (its order: every press of one, then the next); a new key frees the old value before making its own."""
 
     def __init__(self) -> None:
-        self._key: Hashable | None = None
-        self._value: T | None = None
+        self.key: Hashable | None = None
+        self.value: T | None = None
 
     def get(self, key: Hashable, make: Callable[[], T]) -> T:
-        if key != self._key:
-            self._key, self._value = None, None
-            self._value, self._key = make(), key
-        return self._value
+        if key != self.key:
+            self.key, self.value = None, None
+            self.value, self.key = make(), key
+        return self.value
 
 
 @dataclass
@@ -185,8 +185,12 @@ class GenerationTask:
         self, model: PreTrainedModel, examples: list[Example], inputs: dict[str, torch.Tensor]
     ) -> SharedPrefill | None:
         """The examples' text prompts (one, or a left-padded batch) prefilled once for all the presses the runner
-        takes on them in a row."""
+        takes on them in a row. One example of the batch in hand (a press that takes the batch's examples one by one,
+        after the others: `runner.pending`) gets its row of the batch's prefill, which is its own."""
         key = tuple((example.task, example.id) for example in examples)
+        batch = self._shared_prefill
+        if len(key) == 1 and batch.value is not None and len(batch.key) > 1 and key[0] in batch.key:
+            return batch.value.row(batch.key.index(key[0]))  # a copy of one row: cheap beside a prefill
         return self._shared_prefill.get(key, lambda: share_prefill(model, inputs))
 
 

@@ -39,7 +39,8 @@ class PrefillInputs:
     patches: torch.Tensor | None = None  # [B, S, 3] long: (image, row, column) of visual tokens, else -1; with modality
     state: dict = field(default_factory=dict)  # per cache, shared by its layers (budgets carried layer to layer)
     # Budget-free results computed from this layer's queries and keys (e.g. accumulated attention), by name. A replayed
-    # prefill (`CompressedCache.replay_prefill`) hands every press the same dict, so a grid computes them once.
+    # prefill (`CompressedCache.replay_prefill`) hands every press the same dict, so a grid computes them once. A
+    # `dataclasses.replace` that changes the tensors must pass `derived={}`.
     derived: dict[str, torch.Tensor] = field(default_factory=dict)
     num_compressed_layers: int | None = None  # layers the press compresses (hybrid models: the global ones)
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from modalkv import cli, get_press
 from modalkv.cli_common import command_line
-from modalkv.eval import report, runner, tasks
+from modalkv.eval import forced, report, runner, tasks
 from modalkv.eval.tasks import build_task
 from modalkv.presses import METHODS, parse_method, split_methods
 
@@ -152,6 +152,7 @@ def test_a_press_that_takes_a_batch_one_example_at_a_time_replays_its_batch_pref
         return record_prefill(model, inputs)
 
     monkeypatch.setattr(tasks, "share_prefill", counted)
+    monkeypatch.setattr(forced, "share_prefill", counted)
     alone = run_eval(tiny, tmp_path / "alone", "full,random")
     assert alone.exit_code == 0, alone.output
     assert rows_prefilled and set(rows_prefilled) == {1}
@@ -160,11 +161,17 @@ def test_a_press_that_takes_a_batch_one_example_at_a_time_replays_its_batch_pref
     assert batched.exit_code == 0, batched.output
     assert rows_prefilled and 1 not in rows_prefilled  # every prompt's prefill ran within its batch's
     deterministic = ("prediction", "score", "cache_bytes", "full_cache_bytes", "prompt_tokens", "reference")
-    generated = [r for r in lines(tmp_path / "batched") if r["task"] != "fidelity"]
-    assert {r["method"] for r in generated if r["batch"] == 1} == {"random(seed=0)"}
+    records, records_alone = lines(tmp_path / "batched"), lines(tmp_path / "alone")
+    assert {r["method"] for r in records if r["batch"] == 1} == {"random(seed=0)"}
+    generated = [r for r in records if r["task"] != "fidelity"]
     assert comparable(generated, deterministic) == comparable(
-        [r for r in lines(tmp_path / "alone") if r["task"] != "fidelity"], deterministic
+        [r for r in records_alone if r["task"] != "fidelity"], deterministic
     )
+    # fidelity's reference logits come from a batched forward: equal to one example's up to float rounding
+    kl = {runner.record_key(r): r["metrics"]["kl"] for r in records_alone if r["task"] == "fidelity"}
+    fidelity = [r for r in records if r["task"] == "fidelity"]
+    assert len(kl) == len(fidelity) == 4
+    assert all(r["metrics"]["kl"] == pytest.approx(kl[runner.record_key(r)], abs=1e-5) for r in fidelity)
 
 
 def comparable(records: list[dict], fields: tuple[str, ...]) -> list:

@@ -74,6 +74,14 @@ class TeacherForcedTask:
         shared = share_prefill(model, {"input_ids": ids[:, :prompt_tokens]})
         return Reference(F.log_softmax(logits.float(), dim=-1), shared)
 
+    def _reference_of(self, key: tuple[str, ...]) -> Reference | None:
+        """One example's row of the batch's reference in hand (`Latest.row_of`), else None."""
+        row = self._reference.row_of(key)
+        if row is None:
+            return None
+        batch = self._reference.value
+        return Reference(batch.full[row : row + 1], None if batch.shared is None else batch.shared.row(row))
+
     @torch.no_grad()
     def _forced(self, model: PreTrainedModel, processor: Any, press: Press, examples: list[Example]) -> list[Outcome]:
         tokens = [self._tokens[example.id] for example in examples]
@@ -81,7 +89,9 @@ class TeacherForcedTask:
         prompt_tokens = tokens[0].prompt_tokens
         check_prompt_length(model, ids.shape[1])
         key = tuple(example.id for example in examples)
-        reference = self._reference.get(key, lambda: self._make_reference(model, ids, prompt_tokens))
+        reference = self._reference_of(key) or self._reference.get(
+            key, lambda: self._make_reference(model, ids, prompt_tokens)
+        )
         steps = []
         with press.attach(model):
             cache, last, prefill_seconds, replayed = prefill_cache(

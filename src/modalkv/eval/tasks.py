@@ -108,6 +108,13 @@ class Latest(Generic[T]):
             self.value, self.key = make(), key
         return self.value
 
+    def row_of(self, key: tuple) -> int | None:
+        """Where the one example of `key` sits in the batch held (a key of several examples), else None: a press
+        that takes a batch's examples one by one, after the others (`runner.pending`), reuses the batch's value."""
+        if len(key) != 1 or self.value is None or len(self.key) == 1 or key[0] not in self.key:
+            return None
+        return self.key.index(key[0])
+
 
 @dataclass
 class GenerationTask:
@@ -185,12 +192,11 @@ class GenerationTask:
         self, model: PreTrainedModel, examples: list[Example], inputs: dict[str, torch.Tensor]
     ) -> SharedPrefill | None:
         """The examples' text prompts (one, or a left-padded batch) prefilled once for all the presses the runner
-        takes on them in a row. One example of the batch in hand (a press that takes the batch's examples one by one,
-        after the others: `runner.pending`) gets its row of the batch's prefill, which is its own."""
+        takes on them in a row; one example of the batch in hand gets its row of the batch's, which is its own."""
         key = tuple((example.task, example.id) for example in examples)
-        batch = self._shared_prefill
-        if len(key) == 1 and batch.value is not None and len(batch.key) > 1 and key[0] in batch.key:
-            return batch.value.row(batch.key.index(key[0]))  # a copy of one row: cheap beside a prefill
+        row = self._shared_prefill.row_of(key)
+        if row is not None:
+            return self._shared_prefill.value.row(row)  # a copy of one row: cheap beside a prefill
         return self._shared_prefill.get(key, lambda: share_prefill(model, inputs))
 
 

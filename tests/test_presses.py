@@ -93,8 +93,10 @@ def test_snapkv_max_pooling_option():
         get_press("snapkv", budget=0.5, pooling="median")
 
 
-def test_accumulated_attention_equals_the_dense_causal_sum_over_every_query():
-    # 300 tokens: two chunks of queries; the first 5 are left padding, which gives and gets no attention
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 40_000])  # one chunk of queries; chunks of 16 queries
+def test_accumulated_attention_equals_the_dense_causal_sum_over_every_query(monkeypatch, chunk_elements):
+    monkeypatch.setattr("modalkv.presses.scoring._CHUNK_ELEMENTS", chunk_elements)
+    # 300 tokens, the first 5 of one row left padding, which gives and gets no attention
     is_real = torch.tensor([[False] * 5 + [True] * 295, [True] * 300])
     inputs = make_inputs(batch=2, seq=300, is_real=is_real)
     keys = inputs.keys.repeat_interleave(2, dim=1)  # 4 query heads on 2 KV heads

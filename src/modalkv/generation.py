@@ -8,7 +8,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -121,13 +120,18 @@ def share_prefill(
         if set(inputs) - {"input_ids", "attention_mask"} or modality is not None or patches is not None:
             return None
         mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
-        prompts = [row[real][None] for row, real in zip(ids, mask, strict=True)]
-        rows = [_record_prefill(model, {"input_ids": p, "attention_mask": torch.ones_like(p)}) for p in prompts]
-        width = ids.shape[1]
-        layers = [_left_padded(parts, width) for parts in zip(*(row.layers for row in rows), strict=True)]
-        logits = torch.cat([row.first_logits for row in rows])
-        seconds = [row.seconds for row in rows]
-        return SharedPrefill(layers, logits, sum(seconds), seconds)
+        layers, logits, seconds = [], [], []
+        for index, (row, real) in enumerate(zip(ids, mask, strict=True)):
+            prompt = row[real][None]
+            recorded = _record_prefill(model, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
+            if not layers:
+                layers = [_empty_batch(layer, len(ids), ids.shape[1]) for layer in recorded.layers]
+            for batch, layer in zip(layers, recorded.layers, strict=True):
+                _place(batch, index, layer)
+            logits.append(recorded.first_logits)
+            seconds.append(recorded.seconds)
+            del recorded  # freed before the next prompt is recorded
+        return SharedPrefill(layers, torch.cat(logits), sum(seconds), seconds)
     return _record_prefill(model, inputs, modality, patches)
 
 
@@ -174,21 +178,30 @@ def prefill_cache(
     return cache, logits, time.perf_counter() - start, False
 
 
-def _left_padded(rows: tuple[PrefillInputs, ...], width: int) -> PrefillInputs:
-    """One layer's prefill inputs of single prompts as a left-padded batch `width` columns wide."""
+def _empty_batch(layer: PrefillInputs, batch: int, width: int) -> PrefillInputs:
+    """One layer's prefill inputs for a left-padded batch `width` columns wide, all padding (zeros, `is_real` False),
+    shaped like `layer`'s (one prompt's): the prompts are placed in it one by one as they are recorded, so a batch
+    never holds more than itself and one prompt's recording."""
 
-    def pad(tensor: torch.Tensor, dim: int, value: float | bool = 0) -> torch.Tensor:
-        widths = [0, 0] * (tensor.dim() - 1 - dim) + [width - tensor.shape[dim], 0]
-        return F.pad(tensor, widths, value=value)
+    def zeros(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.new_zeros((batch, tensor.shape[1], width, tensor.shape[3]))
 
     return replace(
-        rows[0],
-        queries=torch.cat([pad(row.queries, 2) for row in rows]),
-        keys=torch.cat([pad(row.keys, 2) for row in rows]),
-        values=torch.cat([pad(row.values, 2) for row in rows]),
-        is_real=torch.cat([pad(row.is_real, 1, False) for row in rows]),
+        layer,
+        queries=zeros(layer.queries),
+        keys=zeros(layer.keys),
+        values=zeros(layer.values),
+        is_real=layer.is_real.new_zeros((batch, width)),
         derived={},
     )
+
+
+def _place(batch: PrefillInputs, index: int, layer: PrefillInputs) -> None:
+    """Copies one prompt's recorded layer into row `index` of `batch`, after its left padding."""
+    start = batch.is_real.shape[1] - layer.is_real.shape[1]
+    for name in ("queries", "keys", "values"):
+        getattr(batch, name)[index, :, start:] = getattr(layer, name)[0]
+    batch.is_real[index, start:] = layer.is_real[0]
 
 
 @dataclass

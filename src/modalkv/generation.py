@@ -56,8 +56,12 @@ class SharedPrefill:
 
     layers: list[PrefillInputs]
     first_logits: torch.Tensor  # [B, vocab]
-    seconds: float  # the model's forward over the prompt (a batch: over each of its prompts, summed)
-    row_seconds: list[float]  # per row: the forward over that prompt alone
+    row_seconds: list[float]  # per row: the model's forward over that prompt alone
+
+    @property
+    def seconds(self) -> float:
+        """The model's forward over the prompt (a batch: over each of its prompts, summed)."""
+        return sum(self.row_seconds)
 
     def row(self, index: int) -> SharedPrefill:
         """The `index`-th prompt's own recorded prefill, its padding cut off: exactly what `share_prefill` records
@@ -79,8 +83,7 @@ class SharedPrefill:
             )
             for layer in self.layers
         ]
-        seconds = self.row_seconds[index]
-        return SharedPrefill(layers, self.first_logits[index : index + 1], seconds, [seconds])
+        return SharedPrefill(layers, self.first_logits[index : index + 1], [self.row_seconds[index]])
 
 
 # Settings of a generation config that change which token greedy decoding picks from the logits. With none of them
@@ -131,7 +134,7 @@ def share_prefill(
             logits.append(recorded.first_logits)
             seconds.append(recorded.seconds)
             del recorded  # freed before the next prompt is recorded
-        return SharedPrefill(layers, torch.cat(logits), sum(seconds), seconds)
+        return SharedPrefill(layers, torch.cat(logits), seconds)
     return _record_prefill(model, inputs, modality, patches)
 
 
@@ -149,7 +152,7 @@ def _record_prefill(
         start = time.perf_counter()
         logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
         seconds = time.perf_counter() - start
-    return SharedPrefill(cache.recorded_prefill, logits, seconds, [seconds])
+    return SharedPrefill(cache.recorded_prefill, logits, [seconds])
 
 
 @torch.no_grad()

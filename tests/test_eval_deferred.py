@@ -35,6 +35,8 @@ def test_the_key_is_in_the_prompt_and_its_steps_are_its_tokens(smollm2, loaded):
     again, _ = DeferredTask(tokens=400, samples=3).load(tokenizer)
     other, _ = DeferredTask(tokens=400, samples=3, seed=5).load(tokenizer)
     assert again == examples and other != examples
+    more, _ = DeferredTask(tokens=400, samples=4).load(tokenizer)  # a larger count only adds examples
+    assert more[:3] == examples and len(more) == 4
 
 
 def test_the_full_cache_reads_as_the_uncompressed_model(smollm2, loaded):

@@ -43,6 +43,9 @@ def test_same_seed_same_examples_other_seed_other_examples(vlm):
     other, _ = HaystackTask(tokens=600, samples=2, seed=1).load(processor)
     assert failures == [] and first == again and first != other
     assert [e.task for e in first] == [f"haystack/{f}" for f in FAMILIES for _ in range(2)]
+    # a larger count only adds examples (a run folder grows by resuming with one: runner.EXAMPLE_COUNT)
+    more, _ = HaystackTask(tokens=600, samples=3).load(processor)
+    assert [e for e in more if int(e.id.rpartition("-")[2]) < 2] == first
 
 
 @pytest.mark.parametrize("tokens", [600, 2000])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from eval_tiny import save_tiny_model
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from modalkv import cli, get_press
@@ -182,6 +183,24 @@ def test_changed_task_options_refuse_to_resume(tiny, base_run, tmp_path):
     run = copy_of(base_run[0], tmp_path)
     result = run_eval(tiny, run, "full", "-t", "passkey.seed=3")
     assert result.exit_code == 2 and "use another --out" in result.stderr.replace("\n", " ")
+
+
+def test_a_larger_example_count_adds_only_the_new_examples_to_the_folder(tiny, base_run, tmp_path, count_evaluations):
+    run = copy_of(base_run[0], tmp_path)
+    first = lines(run)
+    assert run_eval(tiny, run, "full,streaming_llm,snapkv", "-t", "fidelity.samples=3").exit_code == 0
+    new = lines(run)[len(first) :]
+    assert lines(run)[: len(first)] == first and len(new) == 3  # the third window, by each of the 3 methods
+    assert {r["task"] for r in new} == {"fidelity"} and len(set(count_evaluations)) == 1
+    assert {r["example"] for r in new}.isdisjoint(r["example"] for r in first if r["task"] == "fidelity")
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    options = {"context_tokens": "48", "continuation_tokens": "6"}
+    two, three = (build_task("fidelity", {**options, "samples": n}).load(tokenizer)[0] for n in ("2", "3"))
+    assert three[:2] == two  # what made the records above the same examples
+    # the folder keeps the largest count; a smaller one reruns nothing and does not lower it
+    count_evaluations.clear()
+    assert run_eval(tiny, run, "full", "-t", "fidelity.samples=1").exit_code == 0
+    assert count_evaluations == [] and json.loads((run / "run.json").read_text())["tasks"]["fidelity"]["samples"] == 3
 
 
 def test_report_rebuilds_table_figures_and_page_from_jsonl(base_run, tmp_path):

@@ -69,6 +69,9 @@ def test_same_seed_same_examples_other_seed_other_examples(vlm):
     other, _ = SyntheticTask(samples=3, seed=1).load(processor)
     assert failures == [] and first == again and first != other
     assert [e.task for e in first] == [f"synthetic/{f}" for f in FAMILIES for _ in range(3)]
+    # a larger count only adds examples (a run folder grows by resuming with one: runner.EXAMPLE_COUNT)
+    more, _ = SyntheticTask(samples=4).load(processor)
+    assert [e for e in more if int(e.id.rpartition("-")[2]) < 3] == first
 
 
 @pytest.mark.parametrize("tokens", [300, 1024])

@@ -214,10 +214,16 @@ class JsonlWriter:
         self.file.close()
 
 
+# The task option that only counts examples: a task that has it draws example i the same whatever the count (tested
+# for each), so a larger count adds examples to a folder and a smaller one reruns a prefix of it.
+EXAMPLE_COUNT = "samples"
+
+
 def check_run(out: Path, run: dict, tasks: list[Task], write: bool) -> None:
     """Records what this run is (`run.json`); refuses to resume a folder made with another model or task options,
-    whose records would be summarised together with these. Methods, budgets and --limit may change: `commands`
-    lists every invocation that ran in the folder, in order."""
+    whose records would be summarised together with these. Methods, budgets, --limit and a task's example count
+    (`EXAMPLE_COUNT`; the folder keeps the largest) may change: `commands` lists every invocation that ran in the
+    folder, in order."""
     run = {**run, "tasks": {task.name: task_options(task) for task in tasks}}
     path = out / RUN_FILE
     if path.exists():
@@ -228,11 +234,13 @@ def check_run(out: Path, run: dict, tasks: list[Task], write: bool) -> None:
                     f"{out} holds a run with {key} {previous.get(key)!r}, not {run[key]!r}: use another --out"
                 )
         for name, options in run["tasks"].items():
-            if name in previous.get("tasks", {}) and previous["tasks"][name] != options:
-                raise ValueError(
-                    f"{out} holds a run of {name} with options {previous['tasks'][name]}, not {options}: "
-                    "use another --out"
-                )
+            if name not in previous.get("tasks", {}):
+                continue
+            before = previous["tasks"][name]
+            if _without_count(before) != _without_count(options):
+                raise ValueError(f"{out} holds a run of {name} with options {before}, not {options}: use another --out")
+            if EXAMPLE_COUNT in options:
+                options[EXAMPLE_COUNT] = max(options[EXAMPLE_COUNT], before.get(EXAMPLE_COUNT, 0))
         run["tasks"] = {**previous.get("tasks", {}), **run["tasks"]}
         earlier = previous.get("commands", [previous["command"]] if "command" in previous else [])  # older files
         run["commands"] = earlier + [command for command in run["commands"] if command not in earlier]
@@ -241,6 +249,10 @@ def check_run(out: Path, run: dict, tasks: list[Task], write: bool) -> None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(run, indent=1), encoding="utf-8")
         tmp.replace(path)
+
+
+def _without_count(options: dict) -> dict:
+    return {name: value for name, value in options.items() if name != EXAMPLE_COUNT}
 
 
 def load_tasks(

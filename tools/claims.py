@@ -35,7 +35,7 @@ RUNS = [
     ("minivlm-gemma3-haystack-8k", "Gemma 3 mini-VLM: long multimodal haystacks, 8k tokens"),
     ("gemma3-270m-passkey", "Gemma 3 270M, real weights: text passkey, 2k-16k tokens"),
     ("minivlm", "embedded mini-VLM: synthetic multimodal suite, 312-token prompts"),
-    ("smollm2-passkey", "SmolLM2-135M: passkey 2k, 4k, 8k (30, 30, 16 prompts)"),
+    ("smollm2-passkey", "SmolLM2-135M: passkey 2k, 4k, 8k (30 prompts each)"),
     ("smollm2-deferred", "SmolLM2-135M: text deferred importance (teacher-forced), 2k"),
     ("smollm2", "SmolLM2-135M: passkey (1.5k) and fidelity"),
 ]

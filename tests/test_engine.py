@@ -216,7 +216,8 @@ def test_prefill_keys_are_freed(model, prompt):
     with press.attach(model), torch.no_grad():  # as generate() runs; with autograd the graph holds everything
         model(prompt, past_key_values=cache, use_cache=True)
     gc.collect()
-    full_length = [o for o in gc.get_objects() if torch.is_tensor(o) and o.shape == (1, 2, 48, 16)]
+    # plain tensors only: an earlier test's torch.compile can leave FakeTensors (shapes without storage) alive
+    full_length = [o for o in gc.get_objects() if type(o) is torch.Tensor and o.shape == (1, 2, 48, 16)]
     assert full_length == []
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from modalkv.attention import real_tokens
+from modalkv.attention import real_tokens, sdpa_with_sinks, windowed_attention
 from modalkv.kernels import ragged_attention
 from modalkv.storage import RaggedRows
 
@@ -87,3 +88,46 @@ def test_real_tokens_reads_padding_from_bool_and_float_masks():
     assert torch.equal(real_tokens(bool_mask, key), allowed)
     assert torch.equal(real_tokens(float_mask, key), allowed)
     assert real_tokens(None, key).all()
+
+
+def sliding_mask(batch: int, seq: int, kv_len: int, window: int, padding: list[int], images: list[tuple[int, int]]):
+    """[B, 1, seq, kv_len] bool: causal within `window` (the last `seq` keys are the queries'), left `padding` per row
+    unseen, and each (start, end) column range an image whose tokens see each other inside the window (Gemma 3)."""
+    columns = torch.arange(kv_len)
+    rows = columns[-seq:, None]
+    distance = rows - columns[None]
+    allowed = (distance >= 0) & (distance < window)
+    for start, end in images:
+        inside = (rows >= start) & (rows < end) & (columns[None] >= start) & (columns[None] < end)
+        allowed |= inside & (distance.abs() < window)
+    real = columns[None] >= torch.tensor(padding)[:, None]  # [B, K]
+    return (allowed[None] & real[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("images", [[], [(30, 52)]])
+@pytest.mark.parametrize("past", [0, 5])
+@pytest.mark.parametrize("with_sinks", [False, True])
+@pytest.mark.parametrize("additive", [False, True])
+def test_windowed_attention_equals_attention_over_every_key(images, past, with_sinks, additive):
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, dim, seq, window = 2, 4, 2, 8, 70, 9
+    kv_len = seq + past
+    query = torch.randn(batch, heads, seq, dim, generator=gen)
+    key = torch.randn(batch, kv_heads, kv_len, dim, generator=gen)
+    value = torch.randn(batch, kv_heads, kv_len, dim, generator=gen)
+    mask = sliding_mask(batch, seq, kv_len, window, padding=[0, 11], images=images)
+    real = mask[:, 0].any(-1)  # [B, seq]: queries that see something (a padding query's output is undefined)
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    sinks = torch.randn(heads, generator=gen)
+
+    def attend(query, key, value, mask):
+        if with_sinks:
+            return sdpa_with_sinks(query, key, value, mask, 0.3, sinks)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3, enable_gqa=True)
+        return output.transpose(1, 2)
+
+    expected = attend(query, key, value, mask)
+    windowed = windowed_attention(attend, query, key, value, mask, window)
+    assert windowed.shape == expected.shape
+    torch.testing.assert_close(windowed[real], expected[real], rtol=1e-5, atol=1e-5)

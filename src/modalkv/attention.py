@@ -5,7 +5,8 @@ Prefill (a layer's cache is empty): attention is transformers' own sdpa, then th
 -- right here, so prefill holds the compressed cache plus one layer at full length. Later forwards (decoding,
 follow-up prompts): the layer's decoding step (`CompressedLayer.decode`) appends, attends, reads and evicts.
 
-With no compressed layer pending (another cache, or `use_cache=False`) the function is plain sdpa.
+With no compressed layer pending (another cache, or `use_cache=False`) the function is plain sdpa. Either way a
+sliding layer's many queries attend in blocks of its window (`windowed_attention`), not over every key.
 
 Attention sinks (gpt-oss passes `s_aux`, one logit per query head) are honoured everywhere: transformers' sdpa would
 drop them silently, so a prefill with sinks runs `sdpa_with_sinks`. A logit soft-cap (Gemma 2) is refused.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +64,17 @@ def modalkv_attention(
         if query.shape[2] > 1 and attention_mask is not None and not bool(seen_keys(attention_mask).all()):
             raise ValueError("padding among the new tokens of a forward on a compressed cache is not supported")
         return pending.layer.decode(query, key, value, scaling, sinks), None
-    if sinks is not None:
-        output = sdpa_with_sinks(query, key, value, attention_mask, scaling, sinks)
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if sinks is not None:
+            return sdpa_with_sinks(query, key, value, mask, scaling, sinks)
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)[0]
+
+    window = kwargs.get("sliding_window")
+    if window and attention_mask is not None and attention_mask.dim() == 4 and query.shape[2] > 2 * window:
+        output = windowed_attention(attend, query, key, value, attention_mask, window)
     else:
-        output, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        output = attend(query, key, value, attention_mask)
     if pending is not None:  # the prefill of a compressed layer: keep only what the press chooses
         cache = pending.layer.cache
         modality, patches = cache.prefill_maps(key.shape[0], key.shape[2], key.device)
@@ -87,6 +94,35 @@ def modalkv_attention(
         if _malloc_trim is not None and key.is_cpu and key.shape[0] * key.shape[2] >= TRIM_FROM_TOKENS:
             _malloc_trim(0)
     return output, None
+
+
+def windowed_attention(
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """A sliding layer's attention over many queries, a block of `window` queries at a time against only the keys
+    within `window` of the block: the same result as `attend` over everything (the mask hides every other key), at
+    O(S * window) instead of O(S^2) -- at 8k tokens and a 512 window, an eighth of a Gemma 3 sliding layer's sdpa.
+    Where the mask lets a query see later tokens of its window (Gemma 3's images), the keys up to `window` ahead are
+    included too (one read of the mask). query: [B, H, S, D]; key/value: [B, H_kv, K, D], the last S keys are the
+    queries' own; attention_mask: [B, 1, S, K] bool or additive. Returns [B, S, H, D]."""
+    seq, kv_len = query.shape[2], key.shape[2]
+    offset = kv_len - seq  # keys before the first query's own (a past held by another cache)
+    allowed = attention_mask
+    if allowed.dtype != torch.bool:
+        allowed = allowed > torch.finfo(allowed.dtype).min / 2
+    ahead = window - 1 if bool(allowed[:, 0].triu(offset + 1).any()) else 0
+    blocks = []
+    for start in range(0, seq, window):
+        end = min(start + window, seq)
+        first, last = max(0, offset + start - window + 1), min(kv_len, offset + end + ahead)
+        mask = attention_mask[:, :, start:end, first:last]
+        blocks.append(attend(query[:, :, start:end], key[:, :, first:last], value[:, :, first:last], mask))
+    return torch.cat(blocks, dim=1)
 
 
 def sdpa_with_sinks(

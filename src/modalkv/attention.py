@@ -112,10 +112,7 @@ def windowed_attention(
     queries' own; attention_mask: [B, 1, S, K] bool or additive. Returns [B, S, H, D]."""
     seq, kv_len = query.shape[2], key.shape[2]
     offset = kv_len - seq  # keys before the first query's own (a past held by another cache)
-    allowed = attention_mask
-    if allowed.dtype != torch.bool:
-        allowed = allowed > torch.finfo(allowed.dtype).min / 2
-    ahead = window - 1 if bool(allowed[:, 0].triu(offset + 1).any()) else 0
+    ahead = window - 1 if bool(allowed(attention_mask)[:, 0].triu(offset + 1).any()) else 0
     blocks = []
     for start in range(0, seq, window):
         end = min(start + window, seq)
@@ -155,12 +152,17 @@ def sdpa_with_sinks(
     return output.transpose(1, 2).contiguous()
 
 
+def allowed(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A mask as bool, True where a query sees a key, whether it came as bool or additive (0 / the dtype's minimum)."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
 def seen_keys(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, K] which keys of a 4-D mask some query sees: padding is seen by none (sliding windows hide real ones from
     some queries, never from all, as every token sees itself)."""
-    if attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    return attention_mask[:, 0].any(-2)
+    return allowed(attention_mask)[:, 0].any(-2)
 
 
 def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,4 @@ def real_tokens(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch
     if attention_mask is None:
         return torch.ones(batch, seq, dtype=torch.bool, device=key.device)
     # The last query row sees every real key and no padding key, for left and right padding alike.
-    last_row = attention_mask[:, 0, -1, -seq:]
-    if last_row.dtype != torch.bool:
-        last_row = last_row > torch.finfo(last_row.dtype).min / 2
-    return last_row.expand(batch, seq)
+    return allowed(attention_mask[:, 0, -1, -seq:]).expand(batch, seq)

@@ -57,9 +57,10 @@ def one_picture(vlm):
     model, processor = vlm
     example = Example("x", "x", IMAGE_PLACEHOLDER + QUESTION, "", images=(PHOTOS["cat"].path,))
     inputs, modality, _ = encode_example(model, processor, example)
+    patches = inputs.pop("patches")
     options = [ids(processor, f" {word}") for word in ("cat", "space shuttle", "cup of coffee")]
     assert [len(option) for option in options] == [1, 2, 3]
-    return inputs, modality, ids(processor, ANSWER_PREFIX), options
+    return inputs, modality, patches, ids(processor, ANSWER_PREFIX), options
 
 
 def test_same_seed_same_examples_other_seed_other_examples(vlm):
@@ -117,9 +118,9 @@ def test_every_photo_is_asked_about_and_options_are_single_tokens(vlm):
 
 def test_option_likelihoods_at_budget_1_equal_an_uncompressed_forward(vlm, one_picture):
     model, _ = vlm
-    inputs, modality, prefix, options = one_picture
+    inputs, modality, patches, prefix, options = one_picture
     reference = reference_log_likelihoods(model, inputs, prefix, options)
-    scored = option_log_likelihoods(model, get_press("full"), inputs, prefix, options, modality)
+    scored = option_log_likelihoods(model, get_press("full"), inputs, prefix, options, modality, patches)
     torch.testing.assert_close(scored.log_likelihoods, reference, atol=1e-3, rtol=0)
     assert scored.cache_bytes == scored.full_cache_bytes > 0 and scored.prompt_tokens == inputs["input_ids"].shape[1]
     assert int(reference.argmax()) == 0  # a cat is shown: the model prefers it over the shuttle and the coffee
@@ -130,15 +131,15 @@ def test_compressed_option_likelihoods_do_not_depend_on_the_other_options(vlm, o
     """All options from one prefill (batched) equal each option scored alone. Both presses also evict while the
     prefix and the options are fed; RetentiveKV reads the modality map for every copied row."""
     model, _ = vlm
-    inputs, modality, prefix, options = one_picture
+    inputs, modality, patches, prefix, options = one_picture
     press = get_press(method, budget=0.2)
-    together = option_log_likelihoods(model, press, inputs, prefix, options, modality)
+    together = option_log_likelihoods(model, press, inputs, prefix, options, modality, patches)
     alone = torch.cat(
-        [option_log_likelihoods(model, press, inputs, prefix, [o], modality).log_likelihoods for o in options]
+        [option_log_likelihoods(model, press, inputs, prefix, [o], modality, patches).log_likelihoods for o in options]
     )
     torch.testing.assert_close(together.log_likelihoods, alone, atol=1e-4, rtol=0)
     assert together.cache_bytes < 0.3 * together.full_cache_bytes
-    full = option_log_likelihoods(model, get_press("full"), inputs, prefix, options[:1], modality)
+    full = option_log_likelihoods(model, get_press("full"), inputs, prefix, options[:1], modality, patches)
     assert abs(float(together.log_likelihoods[0] - full.log_likelihoods[0])) > 1e-2  # compression changes them
 
 
@@ -147,12 +148,11 @@ def test_option_likelihoods_from_a_shared_prefill_equal_the_press_own(vlm, one_p
     """The image prompt prefilled once (its modality and patch maps recorded with it) and replayed for a press scores
     every option exactly as the press's own prefill does."""
     model, _ = vlm
-    inputs, modality, prefix, options = one_picture
-    plain = {name: value for name, value in inputs.items() if name != "patches"}
-    shared = share_prefill(model, plain, modality, inputs.get("patches"))
+    inputs, modality, patches, prefix, options = one_picture
+    shared = share_prefill(model, inputs, modality, patches)
     press = get_press(method, budget=0.2)
-    own = option_log_likelihoods(model, press, inputs, prefix, options, modality)
-    replayed = option_log_likelihoods(model, press, inputs, prefix, options, modality, shared)
+    own = option_log_likelihoods(model, press, inputs, prefix, options, modality, patches)
+    replayed = option_log_likelihoods(model, press, inputs, prefix, options, modality, patches, shared)
     assert replayed.shared_prefill and not own.shared_prefill
     torch.testing.assert_close(replayed.log_likelihoods, own.log_likelihoods, rtol=0, atol=0)
     assert (replayed.cache_bytes, replayed.full_cache_bytes) == (own.cache_bytes, own.full_cache_bytes)
@@ -166,8 +166,10 @@ def test_evaluate_picks_the_calibrated_most_likely_option(vlm):
     outcome = task.evaluate(model, processor, get_press("full"), example)
     words = example.info["options"]
     inputs, modality, _ = encode_example(model, processor, example)  # pixels, not the task's cached embeddings
+    patches = inputs.pop("patches")
     options = [ids(processor, f" {w}") for w in words]
-    raw = option_log_likelihoods(model, get_press("full"), inputs, ids(processor, ANSWER_PREFIX), options, modality)
+    prefix = ids(processor, ANSWER_PREFIX)
+    raw = option_log_likelihoods(model, get_press("full"), inputs, prefix, options, modality, patches)
     raw = raw.log_likelihoods
     prior = task.prior(model, processor)
     assert sorted(prior) == sorted(ANSWERS.values())

@@ -180,22 +180,21 @@ def option_log_likelihoods(
     prefix: list[int],
     options: list[list[int]],
     modality: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
     shared: SharedPrefill | None = None,
 ) -> OptionScores:
     """The log-likelihood of each option's tokens after the prompt and `prefix`, under the cache `press` makes.
 
-    The prompt (`inputs`: one row, the model's keyword inputs, with `patches` if the processor gave them) is
-    prefilled once through the press, as `generate` would; `prefix` (token ids shared by every option, e.g. "The
-    answer is") follows as one decode-phase forward; then the cache is copied once per option (batch rows) and every
-    option is fed in one forward, right-padded (causal attention: a padding token never affects an earlier one).
-    Options are decode-phase tokens, so the prompt's compression is the same for each. The first option token is
-    read from the forward before it, so single-token options need no forward of their own. `shared`: this prompt's
-    recorded prefill (`generation.share_prefill`), replayed instead of the model's prefill where the press allows.
+    The prompt (`inputs`: one row, the model's keyword inputs; `modality`, `patches`: its maps) is prefilled once
+    through the press, as `generate` would; `prefix` (token ids shared by every option, e.g. "The answer is") follows
+    as one decode-phase forward; then the cache is copied once per option (batch rows) and every option is fed in one
+    forward, right-padded (causal attention: a padding token never affects an earlier one). Options are decode-phase
+    tokens, so the prompt's compression is the same for each. The first option token is read from the forward before
+    it, so single-token options need no forward of their own. `shared`: this prompt's recorded prefill
+    (`generation.share_prefill`), replayed instead of the model's prefill where the press allows.
     """
     if not options or any(not option for option in options):
         raise ValueError("give at least one option, each of at least one token")
-    inputs = dict(inputs)
-    patches = inputs.pop("patches", None)
     prompt = inputs.get("input_ids", inputs.get("inputs_embeds"))
     if prompt.shape[0] != 1:
         raise ValueError(f"score one prompt at a time, got a batch of {prompt.shape[0]}")
@@ -301,9 +300,10 @@ class SyntheticTask:
         prompt = self._prompt.get((example.task, example.id), lambda: prepare_prompt(model, processor, example))
         words = example.info["options"]
         options = [_ids(tokenizer, f" {word}") for word in words]
-        inputs = {**prompt.inputs, **({"patches": prompt.patches} if prompt.patches is not None else {})}
         prefix = _ids(tokenizer, ANSWER_PREFIX)
-        result = option_log_likelihoods(model, press, inputs, prefix, options, prompt.modality, prompt.shared)
+        result = option_log_likelihoods(
+            model, press, prompt.inputs, prefix, options, prompt.modality, prompt.patches, prompt.shared
+        )
         prior = self.prior(model, processor)
         calibrated = result.log_likelihoods - torch.tensor([prior[word] for word in words])
         prediction = words[int(calibrated.argmax())]

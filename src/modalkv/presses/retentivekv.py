@@ -138,9 +138,7 @@ class RetentiveKVPress(Press):
         asks = self.text_queries(inputs, logits.shape[2])  # [B, G * w]
         alpha = (probabilities * asks[:, None, :, None]).sum(2) / asks.sum(-1)[:, None, None]  # [B, H_kv, S]
         entropy = self.entropy(inputs, alpha, candidates)
-        retention = self.attention_weight * max_normalised(alpha, candidates) + (
-            1 - self.attention_weight
-        ) * max_normalised(entropy, candidates)
+        retention = self.retention(alpha, entropy, candidates)
         keep = window[:, None] | top_within(retention, candidates, budget - window.sum(-1)[:, None])
         evicted = candidates[:, None] & ~keep
         threshold = torch.nanquantile(retention.masked_fill(~evicted, float("nan")), self.absorb_quantile, dim=-1)
@@ -171,6 +169,12 @@ class RetentiveKVPress(Press):
         totals.scatter_add_(-1, group, mass)
         p = mass / totals.gather(-1, group).clamp(min=1e-30)
         return -(p * p.clamp(min=1e-30).log())
+
+    def retention(self, alpha: torch.Tensor, entropy: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, H_kv, S] R = lambda * alpha / max alpha + (1 - lambda) * H / max H, the maxima over the row's
+        candidates."""
+        weight = self.attention_weight
+        return weight * max_normalised(alpha, candidates) + (1 - weight) * max_normalised(entropy, candidates)
 
     def memory(
         self,

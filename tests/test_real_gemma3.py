@@ -108,3 +108,14 @@ def test_the_gemma3_mini_vlm_reads_patches_as_words_and_finds_a_needle_among_pic
     for method, budget in (("full", 1.0), ("madakv", 0.5)):
         outcome = task.evaluate(model, processor, get_press(method, budget=budget), example)
         assert outcome.score == 1.0, (method, outcome.prediction, example.reference)
+
+
+def test_calibrating_the_gemma3_mini_vlm_warns_that_it_finds_no_visual_head(tmp_path) -> None:
+    """On Gemma 3's global layers the named token's strongest attention falls on the first token, never on the
+    photo: `modalkv calibrate` says that SparseMM will split its budget evenly."""
+    path = tmp_path / "gemma3.json"
+    args = ["calibrate", "--model", "mini-vlm-gemma3", "--examples", "2", "--pictures", "3", "--out", str(path)]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert not any(score for scores in json.loads(path.read_text())["visual"] for score in scores)
+    assert "every visual score is 0" in " ".join(result.output.split())

@@ -79,6 +79,28 @@ def test_ragged_attention_matches_naive_attention(lengths, q, with_weights):
         assert torch.isfinite(result.log_mass).all()
 
 
+def test_alike_rows_keep_cudnn_attention_out_of_decoding(monkeypatch):
+    """cuDNN builds a plan per shape (~62 ms of host time on an H200) and a decoding step's key length is new every
+    step: the alike-row sdpa must run with cuDNN excluded (on a CPU the flag is all that can be seen)."""
+    import modalkv.kernels
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(modalkv.kernels.F, "scaled_dot_product_attention", recording_sdpa)
+    gen = torch.Generator().manual_seed(0)
+    kept = {name: torch.randn(4, 20, 8, generator=gen) for name in ("keys", "values")}
+    kept["columns"] = torch.arange(20, dtype=torch.int32).expand(4, -1)
+    rows = RaggedRows.build(kept, torch.full((4,), 20), None, reserve=4)
+    rows.append({name: torch.randn(4, 8, generator=gen) for name in ("keys", "values")}, start_column=20, fill={})
+    ragged_attention(rows, torch.randn(4, 2, 8, generator=gen), 0.3, 20)
+    assert seen == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored for everything else
+
+
 def test_real_tokens_reads_padding_from_bool_and_float_masks():
     key = torch.zeros(2, 1, 4, 2)
     allowed = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)

@@ -253,6 +253,13 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {args.threads} threads"
     result = {"device": device_name, "shape": args.shape or args.config, "dtype": args.dtype, "skipped": []}
     print(f"{device_name}, {result['shape']}, {args.dtype}", flush=True)
+
+    def save() -> None:
+        """Written after every phase: a run stopped at a lease's limit keeps what it measured."""
+        result["skipped"] = deadline.skipped
+        with open(args.out, "w") as file:
+            json.dump(result, file, indent=1, default=str)
+
     if args.check and deadline.allows("equivalence checks", 30):
         result["equivalence_gaps"] = {}
         small = config.__class__(**(config.to_dict() | {"num_hidden_layers": 2}))
@@ -266,6 +273,7 @@ def main() -> None:
                 f"equivalences, {check_dtype}: {len(gaps) - len(failed)}/{len(gaps)} within {tolerance} {failed or ''}"
             )
             print("  " + ", ".join(f"{k} {'n/a' if g is None else f'{g:.1e}'}" for k, g in gaps.items()))
+        save()
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = args.methods.split(",")
     presses = [get_press(m, budget=1.0) if m == "full" else get_press(m, budget=b) for m in methods for b in budgets]
@@ -282,11 +290,13 @@ def main() -> None:
             rows = run_grid(model, prompts_of, presses, [context], args.decode_tokens, args.repeats, report)
             result["rows"] += rows
             print_rows(rows)
+            save()
     if args.compile and deadline.allows(f"compiled cells at {contexts[0]} tokens", 240):  # phase 3
         compiled = [p for p in presses if p.budget in (0.2, 1.0)]
         rows = run_grid(model, prompts_of, compiled, contexts[:1], args.decode_tokens, 1, report, compile=True)
         result["compiled_rows"] = rows
         print_rows(rows)
+        save()
     if args.serving:  # phase 4
         if args.memory_limit_gib is not None:
             limit = int(args.memory_limit_gib * 2**30)
@@ -295,11 +305,11 @@ def main() -> None:
             limit -= torch.cuda.memory_allocated()  # the weights
         else:
             parser.error("--serving on a CPU needs --memory-limit-gib")
-        result["serving"] = [
-            serving(model, presses, prompts_of, context, limit, args, deadline)
-            for context in contexts
-            if deadline.allows(f"serving at {context} tokens", 60)
-        ]
+        result["serving"] = []
+        for context in contexts:
+            if deadline.allows(f"serving at {context} tokens", 60):
+                result["serving"].append(serving(model, presses, prompts_of, context, limit, args, deadline))
+                save()
     if args.device == "cuda" and deadline.allows("prefill peaks", 20):
         prompt = prompts_of(contexts[0], 1).input_ids
         peaks = {"dynamic_cache": prefill_peak(model, None, prompt)["prefill_peak_mib"]}
@@ -307,9 +317,7 @@ def main() -> None:
         result["gpu_prefill_peak_mib"] = peaks
         for label, peak in peaks.items():
             print(f"prefill peak GPU memory at {contexts[0]} tokens, {label}: {peak:.0f} MiB")
-    result["skipped"] = deadline.skipped
-    with open(args.out, "w") as file:
-        json.dump(result, file, indent=1, default=str)
+    save()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modalkv.storage import RaggedRows
+
+# cuDNN's attention builds an execution plan for every new shape (61-66 ms of host time per call on an H200), and a
+# decoding step's key length changes every step: picked for alike rows, it rebuilt a plan per layer and step (MadaKV:
+# 1.3 s per token for a 7B model, docs/benchmark.md). The other backends need no plan. Excluding it costs ~10 us of
+# host time per call on a CPU, where cuDNN never runs.
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -120,7 +127,8 @@ def _alike_rows(
         keys, values = rows.window("keys", head_axis=True), rows.window("values", head_axis=True)
         mask = None if visible is None else visible[:, None]
         stacked = queries.view(num_rows, 1, num_queries, dim)
-        output = F.scaled_dot_product_attention(stacked, keys, values, mask, scale=scaling)
+        with sdpa_kernel(DECODE_BACKENDS):
+            output = F.scaled_dot_product_attention(stacked, keys, values, mask, scale=scaling)
         return AttentionResult(output.view(queries.shape), None, None)
     zero = _constants(rows, queries)[0]
     logits = torch.baddbmm(zero, queries, rows.window("keys", transposed=True), beta=0, alpha=scaling).float()

@@ -97,6 +97,20 @@ def test_sparsemm_reads_visual_scores_and_refuses_a_text_calibration():
         press.select(make_inputs())
 
 
+def test_sparsemm_warns_when_the_calibration_found_no_visual_head():
+    """A library user who calibrates a model with no visual head (every score 0) is told that SparseMM splits evenly,
+    as `modalkv calibrate` tells a CLI user; nonzero scores say nothing."""
+    even = loaded(get_press("sparsemm", budget=0.25), statistics(torch.zeros(LAYERS, KV_HEADS * GROUPS)))
+    with pytest.warns(UserWarning, match="every visual score in the calibration of hand is 0"):
+        lengths = kept_per_head(even, 0, {})
+    assert len(set(lengths)) == 1  # an even split
+    assert statistics(torch.zeros(LAYERS, KV_HEADS * GROUPS)).finds_no_visual_head()
+    assert not statistics().finds_no_visual_head()
+    assert not HeadStatistics(
+        "text", LAYERS, 4, 2, torch.zeros(LAYERS, 2).tolist(), None, 1, "t"
+    ).finds_no_visual_head()
+
+
 def test_mixkv_is_importance_for_unredundant_heads_and_diversity_for_redundant_ones():
     inputs = make_inputs(seq=120)
     window = 32

@@ -401,7 +401,7 @@ def calibrate(
         )
     Console(width=140).print(table)
     console.print(f"wrote {path}")
-    if statistics.visual is not None and not any(score > 0 for scores in statistics.visual for score in scores):
+    if statistics.finds_no_visual_head():
         console.print(
             "[yellow]warning:[/] no head's strongest attention fell on the named photo in any prompt, so every visual "
             "score is 0: SparseMM will split its budget evenly over the heads, as its inner method does alone"

@@ -58,6 +58,12 @@ class HeadStatistics:
             )
         return torch.tensor(self.visual, dtype=torch.float32)
 
+    def finds_no_visual_head(self) -> bool:
+        """Pictures were calibrated, yet every visual score is 0: no head's strongest attention fell on the named
+        photo in any prompt (the Gemma 3 mini-VLM, whose strongest logit is the first token). SparseMM then splits its
+        budget evenly, as its inner method does alone."""
+        return self.visual is not None and not any(score > 0 for scores in self.visual for score in scores)
+
     def redundancy_scores(self) -> torch.Tensor:
         """[L, H_kv] float32 mean key similarity per KV head."""
         return torch.tensor(self.redundancy, dtype=torch.float32)

@@ -1,3 +1,4 @@
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -56,7 +57,15 @@ class SparseMMPress(WrapperPress, CalibratedPress):
 
     def head_budgets(self, inputs: PrefillInputs) -> torch.Tensor:
         """[B, L, H_kv] tokens each KV head of each compressed layer keeps (see the class docstring)."""
-        visual = self.statistics().visual_scores().to(inputs.keys.device)  # [L_model, H]
+        statistics = self.statistics()
+        if statistics.finds_no_visual_head():  # once per process (the warnings module's default)
+            warnings.warn(
+                f"every visual score in the calibration of {statistics.model} is 0 (no head's strongest attention "
+                "fell on the named photo): SparseMM splits its budget evenly over the heads, as its inner method does "
+                "alone",
+                stacklevel=2,
+            )
+        visual = statistics.visual_scores().to(inputs.keys.device)  # [L_model, H]
         compressed = [i for i, window in enumerate(attention_windows(inputs.module.config)) if window is None]
         heads = inputs.num_kv_heads
         weights = visual[compressed].view(len(compressed), heads, -1).sum(-1).flatten()  # [L * H_kv]

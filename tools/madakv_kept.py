@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modalkv.eval.haystack import IMAGE_LINE, prepare_prompt
+from modalkv.eval.haystack import IMAGE_LINE
 from modalkv.eval.tasks import build_task
 from modalkv.modality import TEXT
 from modalkv.models import load_model
@@ -30,15 +30,17 @@ from modalkv.presses.madakv import MadaKVPress
 
 def recording(base: type) -> type:
     """`base` that keeps, per compressed layer, the kept-token mask [H_kv, S] of batch row 0 and the heads' mean
-    visual preference (what MadaKV leaves in the prefill's state for `modalkv heads`)."""
+    visual preference (what MadaKV leaves in the prefill's state for `modalkv heads`), and the prompt's modality map."""
 
     @dataclass
     class Recording(base):
         kept: dict[int, torch.Tensor] = field(default_factory=dict)
         preference: dict[int, float] = field(default_factory=dict)
+        modality: torch.Tensor | None = None  # [S] the prompt's modality map, as the press read it
 
         def select(self, inputs: PrefillInputs) -> Selection:
             selection = super().select(inputs)
+            self.modality = inputs.modality[0]
             mask = torch.zeros(inputs.keys.shape[1], inputs.keys.shape[2], dtype=torch.bool)
             for head, (indices, length) in enumerate(zip(selection.indices[0], selection.lengths[0], strict=True)):
                 mask[head, indices[:length]] = True
@@ -83,26 +85,22 @@ def main() -> None:
     answers, details = [], []
     tokenizer = processor.tokenizer
     for example in examples:
-        modality = prepare_prompt(model, processor, example).modality[0]
-        items = pictures_and_codes(modality)
-        target = example.info["target_index"]
         press = recording(MadaKVPress)(budget=args.budget)
         outcome = task.evaluate(model, processor, press, example)
+        items = pictures_and_codes(press.modality)
+        target = example.info["target_index"]
+        patches, code = items.pop(target)
+        other_patches = torch.cat([picture for picture, _ in items])
+        other_codes = torch.cat([line for _, line in items])
+        line = IMAGE_LINE.format(key=example.reference)
+        labels = tokenizer.convert_ids_to_tokens(tokenizer(line, add_special_tokens=False).input_ids)
         for layer, kept in press.kept.items():
-            patches, code = items[target]
-            others = [i for i in range(len(items)) if i != target]
-            other_patches = torch.cat([items[i][0] for i in others])
-            other_codes = torch.cat([items[i][1] for i in others])
             print(
                 f"| {example.id} | {layer} | {press.preference[layer]:.2f} | {kept[:, patches].float().mean():.2f} |"
                 f" {kept[:, code].float().mean():.2f} | {kept[:, other_patches].float().mean():.2f} |"
                 f" {kept[:, other_codes].float().mean():.2f} |"
             )
-        line = IMAGE_LINE.format(key=example.reference)
-        labels = tokenizer.convert_ids_to_tokens(tokenizer(line, add_special_tokens=False).input_ids)
-        code = items[target][1]
-        for layer, kept in press.kept.items():  # heads keeping each token of the decisive code line
-            shares = kept[:, code].float().mean(0).tolist()
+            shares = kept[:, code].float().mean(0).tolist()  # heads keeping each token of the decisive code line
             details.append(f"{example.id}, layer {layer}: " + " ".join(
                 f"{label!r}:{share:.2f}" for label, share in zip(labels, shares, strict=False)
             ))  # fmt: skip

@@ -95,7 +95,11 @@ def test_sparsemm_and_mixkv_run_on_the_mini_vlm_after_modalkv_calibrate(tmp_path
     model, processor = load_model("mini-vlm")
     statistics = load_statistics(model.config, path)
     visual = torch.tensor(statistics.visual)
-    assert statistics.model == "mini-vlm" and visual.sum() > 0 and "every visual score is 0" not in result.output
+    assert (
+        statistics.model == "mini-vlm"
+        and visual.sum() > 0
+        and "every visual score" not in " ".join(result.output.split())
+    )
     assert (visual > 0).float().mean() < 0.5  # a minority of heads look at the photo they name
     task = SyntheticTask(tokens=300, samples=1, families=("spatial",))
     examples, _ = task.load(processor)

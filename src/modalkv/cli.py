@@ -401,11 +401,8 @@ def calibrate(
         )
     Console(width=140).print(table)
     console.print(f"wrote {path}")
-    if statistics.finds_no_visual_head():
-        console.print(
-            "[yellow]warning:[/] no head's strongest attention fell on the named photo in any prompt, so every visual "
-            "score is 0: SparseMM will split its budget evenly over the heads, as its inner method does alone"
-        )
+    if warning := statistics.no_visual_head_warning():
+        console.print(f"[yellow]warning:[/] {warning}")
 
 
 app.command("bench")(bench_command)

@@ -64,6 +64,16 @@ class HeadStatistics:
         budget evenly, as its inner method does alone."""
         return self.visual is not None and not any(score > 0 for scores in self.visual for score in scores)
 
+    def no_visual_head_warning(self) -> str | None:
+        """What `modalkv calibrate` and SparseMM tell a user when `finds_no_visual_head()`; None otherwise."""
+        if not self.finds_no_visual_head():
+            return None
+        return (
+            f"every visual score in the calibration of {self.model} is 0 (no head's strongest attention fell on the "
+            "named photo in any prompt): SparseMM splits its budget evenly over the heads, as its inner method does "
+            "alone"
+        )
+
     def redundancy_scores(self) -> torch.Tensor:
         """[L, H_kv] float32 mean key similarity per KV head."""
         return torch.tensor(self.redundancy, dtype=torch.float32)

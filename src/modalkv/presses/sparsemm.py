@@ -58,13 +58,8 @@ class SparseMMPress(WrapperPress, CalibratedPress):
     def head_budgets(self, inputs: PrefillInputs) -> torch.Tensor:
         """[B, L, H_kv] tokens each KV head of each compressed layer keeps (see the class docstring)."""
         statistics = self.statistics()
-        if statistics.finds_no_visual_head():  # once per process (the warnings module's default)
-            warnings.warn(
-                f"every visual score in the calibration of {statistics.model} is 0 (no head's strongest attention "
-                "fell on the named photo): SparseMM splits its budget evenly over the heads, as its inner method does "
-                "alone",
-                stacklevel=2,
-            )
+        if warning := statistics.no_visual_head_warning():  # once per process (the warnings module's default)
+            warnings.warn(warning, stacklevel=2)
         visual = statistics.visual_scores().to(inputs.keys.device)  # [L_model, H]
         compressed = [i for i, window in enumerate(attention_windows(inputs.module.config)) if window is None]
         heads = inputs.num_kv_heads

@@ -32,7 +32,7 @@ RUNS = [
     ("minivlm-gemma3-haystack-2k", "Gemma 3 mini-VLM: long multimodal haystacks, 2k tokens"),
     ("minivlm-gemma3-haystack-2k-n100", "Gemma 3 mini-VLM: long multimodal haystacks, 2k tokens, 100 per family"),
     ("minivlm-gemma3-haystack-4k", "Gemma 3 mini-VLM: long multimodal haystacks, 4k tokens, 100 per family"),
-    ("minivlm-gemma3-haystack-8k", "Gemma 3 mini-VLM: long multimodal haystacks, 8k tokens"),
+    ("minivlm-gemma3-haystack-8k", "Gemma 3 mini-VLM: long multimodal haystacks, 8k tokens, 100 per family"),
     ("gemma3-270m-passkey", "Gemma 3 270M, real weights: text passkey, 2k-16k tokens"),
     ("minivlm", "embedded mini-VLM: synthetic multimodal suite, 312-token prompts"),
     ("smollm2-passkey", "SmolLM2-135M: passkey 2k, 4k, 8k (30 prompts each)"),

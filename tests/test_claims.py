@@ -58,9 +58,15 @@ def test_ablations_and_method_tables_pair_each_setting_with_its_default():
         + family("madakv(mpa=False)", 0.1, [1.0] * 5 + [0.0] * 5, deferred)
         + family("retentivekv", 0.1, [0.0] * 10, deferred)
         + family("snapkv", 0.1, [1.0] * 10, deferred)
+        + family("random(seed=0)", 0.1, [0.0] * 10, deferred)
     )
     table = claims.ablations(rows, claims.FAMILIES)
     assert "| madakv | 0.1 | 100 (n=10) | 50 (n=10) | - |" in table
     assert "| madakv(mpa=False) | 0.1 | 0 (-100, 0.002 *) | 50 (+0, 1) | - |" in table
     versus = claims.versus_all(rows, "retentivekv", 0.1, deferred)
-    assert versus[2:] == ["| madakv | 10 | 50 | 0 | -50 (0.062) |", "| snapkv | 10 | 100 | 0 | -100 (0.002 *) |"]
+    # The ablation is left out; a baseline whose label carries a parameter (random's seed) is not.
+    assert versus[2:] == [
+        "| madakv | 10 | 50 | 0 | -50 (0.062) |",
+        "| random(seed=0) | 10 | 0 | 0 | +0 (1) |",
+        "| snapkv | 10 | 100 | 0 | -100 (0.002 *) |",
+    ]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from modalkv.eval.intervals import compare, interval
 from modalkv.eval.runner import RUN_FILE, read_records
+from modalkv.presses import parse_method
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "claims.md"
@@ -192,7 +193,8 @@ ABLATED = ("madakv", "retentivekv")
 
 def is_ablation(label: str) -> bool:
     """A MadaKV or RetentiveKV setting other than the default (`random(seed=0)` and SparseMM's label are baselines)."""
-    return "(" in label and label.partition("(")[0] in ABLATED
+    name, params = parse_method(label)
+    return name in ABLATED and bool(params)
 
 
 def versus_all(records: list[dict], method: str, budget: float, task: str) -> list[str]:
@@ -225,9 +227,9 @@ def ablations(records: list[dict], tasks: list[str]) -> list[str]:
         "| setting | budget | " + " | ".join(f"{f} (p vs default)" for f in tasks) + " |",
         "| --- | --- |" + " --- |" * len(tasks),
     ]
-    labels = sorted({r["method"] for r in records if r["method"].partition("(")[0] in ABLATED})
+    labels = sorted({r["method"] for r in records if parse_method(r["method"])[0] in ABLATED})
     for label in labels:
-        default = label.partition("(")[0]
+        default = parse_method(label)[0]
         for budget in sorted({r["budget"] for r in records if r["method"] == label}):
             cells = []
             for family in tasks:

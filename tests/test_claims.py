@@ -70,3 +70,10 @@ def test_ablations_and_method_tables_pair_each_setting_with_its_default():
         "| random(seed=0) | 10 | 0 | 0 | +0 (1) |",
         "| snapkv | 10 | 100 | 0 | -100 (0.002 *) |",
     ]
+
+
+def test_examples_per_column_counts_the_full_cache_per_task():
+    rows = records("full", 1.0, [1.0] * 3) + records("snapkv", 0.2, [0.0] * 5)
+    assert claims.examples_per_column(rows) == "3"
+    fidelity = [{**r, "task": "fidelity"} for r in records("full", 1.0, [0.5] * 2)]
+    assert claims.examples_per_column(rows + fidelity) == "2-3"

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +28,16 @@ PAGE = ROOT / "docs" / "claims.md"
 TOO_FEW = 10  # below this a paired test can hardly reach p < 0.05 (McNemar needs 5 discordant pairs, all one way)
 BUDGET = 0.2  # both papers' headline budget (MadaKV: 20% of the cache; RetentiveKV: 5.0x compression)
 
-# (run folder under docs/runs, what it stands for)
+# (run folder under docs/runs, what it stands for); the examples per column are read from the records
 RUNS = [
     ("minivlm-gemma3-haystack-1k", "Gemma 3 mini-VLM: long multimodal haystacks, 1k tokens"),
     ("minivlm-gemma3-haystack-2k", "Gemma 3 mini-VLM: long multimodal haystacks, 2k tokens"),
-    ("minivlm-gemma3-haystack-2k-n100", "Gemma 3 mini-VLM: long multimodal haystacks, 2k tokens, 100 per family"),
-    ("minivlm-gemma3-haystack-4k", "Gemma 3 mini-VLM: long multimodal haystacks, 4k tokens, 100 per family"),
-    ("minivlm-gemma3-haystack-8k", "Gemma 3 mini-VLM: long multimodal haystacks, 8k tokens, 100 per family"),
+    ("minivlm-gemma3-haystack-2k-n100", "Gemma 3 mini-VLM: long multimodal haystacks, 2k tokens"),
+    ("minivlm-gemma3-haystack-4k", "Gemma 3 mini-VLM: long multimodal haystacks, 4k tokens"),
+    ("minivlm-gemma3-haystack-8k", "Gemma 3 mini-VLM: long multimodal haystacks, 8k tokens"),
     ("gemma3-270m-passkey", "Gemma 3 270M, real weights: text passkey, 2k-16k tokens"),
     ("minivlm", "embedded mini-VLM: synthetic multimodal suite, 312-token prompts"),
-    ("smollm2-passkey", "SmolLM2-135M: passkey 2k, 4k, 8k (30 prompts each)"),
+    ("smollm2-passkey", "SmolLM2-135M: passkey at 2k, 4k and 8k tokens"),
     ("smollm2-deferred", "SmolLM2-135M: text deferred importance (teacher-forced), 2k"),
     ("smollm2", "SmolLM2-135M: passkey (1.5k) and fidelity"),
 ]
@@ -139,6 +140,13 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.2g}" + (" *" if value < 0.05 else "")
 
 
+def examples_per_column(records: list[dict]) -> str:
+    """How many examples the full cache ran on each of a run's columns ("100", or "2-3" where columns differ): the
+    sample size behind the run's scores, read from its records rather than written beside it."""
+    counts = Counter(r["task"] for r in records if r["method"] == "full").values()
+    return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
 def accuracy_table(method: str, runs: dict[str, list[dict]], tasks: list[str] | None = None) -> list[str]:
     lines = [
         f"| run | columns | n | {method} @{BUDGET:g} | full | difference (p) | vs snapkv @{BUDGET:g} (p) | verdict |",
@@ -154,7 +162,7 @@ def accuracy_table(method: str, runs: dict[str, list[dict]], tasks: list[str] | 
             "-" if found.snapkv_difference is None else f"{100 * found.snapkv_difference:+.0f} ({_p(found.p_snapkv)})"
         )
         lines.append(
-            f"| {what} | {', '.join(found.columns)} | {found.examples} "
+            f"| {what}, {examples_per_column(runs[run])} per column | {', '.join(found.columns)} | {found.examples} "
             f"| {_pct(found.score)} [{_pct(low)}-{_pct(high)}] "
             f"| {_pct(found.full)} [{_pct(full_low)}-{_pct(full_high)}] "
             f"| {100 * found.difference:+.0f} ({_p(found.p_full)}) | {versus} | {found.verdict} |"
@@ -276,6 +284,8 @@ def commands(runs: dict[str, list[dict]]) -> list[str]:
 
 def page() -> str:
     runs = {run: read_records(ROOT / "docs" / "runs" / run) for run, _ in RUNS}
+    haystack_n = examples_per_column(runs["minivlm-gemma3-haystack-2k-n100"])
+    deferred_n = examples_per_column(runs["smollm2-deferred"])
     out = [
         "# The papers' claims beside our measurements",
         "",
@@ -335,8 +345,8 @@ def page() -> str:
         *accuracy_table("retentivekv", runs, tasks=["haystack/deferred", "synthetic/deferred", "deferred"]),
         "",
         "RetentiveKV against every other method on `haystack/deferred` at 0.1 and 0.2 (2k tokens; the goal set for",
-        "it: significantly above every baseline at 0.1), on the run with 100 examples per family (`n`: the examples",
-        "both methods were run on):",
+        f"it: significantly above every baseline at 0.1), on the run with {haystack_n} examples per family (`n`: the",
+        "examples both methods were run on):",
         "",
         *versus_all(runs["minivlm-gemma3-haystack-2k-n100"], "retentivekv", 0.1, "haystack/deferred"),
         "",
@@ -359,9 +369,9 @@ def page() -> str:
         "",
         *ablations(runs["minivlm-gemma3-haystack-2k"], FAMILIES),
         "",
-        "On 100 haystack examples per family (2k tokens): both defaults and RetentiveKV's attention-only setting, the",
-        "one that differed most above; then RetentiveKV's read-out and attention-only setting on text deferred",
-        "importance (SmolLM2-135M, 20 prompts):",
+        f"On {haystack_n} haystack examples per family (2k tokens): both defaults and RetentiveKV's attention-only",
+        "setting, the one that differed most above; then RetentiveKV's read-out and attention-only setting on text",
+        f"deferred importance (SmolLM2-135M, {deferred_n} prompts):",
         "",
         *ablations(runs["minivlm-gemma3-haystack-2k-n100"], FAMILIES),
         "",

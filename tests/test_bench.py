@@ -278,7 +278,7 @@ def test_a_recorded_prefill_fills_each_cache_as_its_own_prefill_would(model, hyb
     own, replayed = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
         logits = Decoder.prefill(model, prompts, own).logits
-    recorded.replay(replayed)
+    recorded.replay(model, replayed)
     torch.testing.assert_close(recorded.logits, logits)
     for mine, theirs in zip(replayed.layers, own.layers, strict=True):
         torch.testing.assert_close(mine.keys, theirs.keys)
@@ -287,7 +287,7 @@ def test_a_recorded_prefill_fills_each_cache_as_its_own_prefill_would(model, hyb
     own, replayed = CompressedCache(press), CompressedCache(press)
     with press.attach(model), torch.no_grad():
         Decoder.prefill(model, prompts, own)
-        recorded.replay(replayed)
+        recorded.replay(model, replayed)
     assert replayed.kept_positions() == own.kept_positions()
 
 

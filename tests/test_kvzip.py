@@ -1,13 +1,16 @@
 """KVzipPress on the tiny Llama: the reconstruction's scores (against eager attention's own weights), the budget
-over layers and heads, batches, chunks, and the errors."""
+over layers and heads, batches, chunks, replayed prefills, and the errors."""
 
 import pytest
 import torch
 from conftest import tiny_llama
+from eval_tiny import tiny_tokenizer
 from transformers import DynamicCache
 
 from modalkv import CompressedCache, api, get_press
+from modalkv.bench import Prompts, RecordedPrefill
 from modalkv.compat import CACHE_KWARG
+from modalkv.generation import generate_shared, generate_timed, share_prefill
 from modalkv.modality import IMAGE
 from modalkv.presses.reconstruction import ReconstructionPrompt, reconstruction_scores
 
@@ -104,3 +107,46 @@ def test_images_are_refused(model, prompt):
     modality[0, 5:20] = IMAGE
     with pytest.raises(ValueError, match="image or video tokens are refused"):
         press.generate(model, input_ids=prompt, modality=modality, max_new_tokens=2)
+
+
+def test_budgets_replaying_one_prefill_share_one_reconstruction(model, monkeypatch):
+    """A left-padded batch recorded once (`share_prefill`) and replayed for two budgets: each prompt decodes what it
+    decodes alone with its own prefill (text, token count, bytes), and the reconstruction runs once for both budgets
+    (its seconds counted in each budget's prefill time)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return reconstruction_scores(*args, **kwargs)
+
+    monkeypatch.setattr("modalkv.presses.kvzip.reconstruction_scores", counted)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(12, 128, (1, n), generator=gen) for n in (44, 31)]
+    ids, mask = torch.zeros(2, 44, dtype=torch.long), torch.zeros(2, 44, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 44 - p.shape[1] :], mask[row, 44 - p.shape[1] :] = p, 1
+    tokenizer, settings = tiny_tokenizer(), {"max_new_tokens": 6, "min_new_tokens": 1}
+    shared = share_prefill(model, {"input_ids": ids, "attention_mask": mask})
+    for budget in (0.2, 0.4):
+        press = get_press("kvzip", budget=budget)
+        together = generate_shared(
+            model, tokenizer, press, {"input_ids": ids, "attention_mask": mask}, **settings, shared=shared
+        )
+        made = shared.prompt_states["kvzip"][1]
+        assert [shape[0] for shape in calls] == [2] and together[0].prefill_seconds >= made > 0
+        for p, result in zip(prompts, together, strict=True):
+            with monkeypatch.context() as patched:  # a prompt alone makes its own reconstruction
+                patched.setattr("modalkv.presses.kvzip.reconstruction_scores", reconstruction_scores)
+                alone = generate_timed(model, tokenizer, press, {"input_ids": p}, **settings)
+            assert (result.text, result.generated_tokens) == (alone.text, alone.generated_tokens)
+            assert (result.cache_bytes, result.full_cache_bytes) == (alone.cache_bytes, alone.full_cache_bytes)
+
+
+def test_a_benchmark_replay_keeps_what_the_press_own_prefill_keeps(model, prompt):
+    press = get_press("kvzip", budget=0.3)
+    recorded = RecordedPrefill.run(model, Prompts(prompt, torch.ones_like(prompt)))
+    own, replayed = CompressedCache(press), CompressedCache(press)
+    with press.attach(model), torch.no_grad():
+        model(prompt, **{CACHE_KWARG: own}, use_cache=True)
+        recorded.replay(model, replayed)
+    assert replayed.kept_positions() == own.kept_positions()

@@ -12,7 +12,7 @@ from modalkv.compat import CACHE_KWARG
 from modalkv.generation import generate_shared, generate_timed, share_prefill
 from modalkv.presses import get_press
 
-# KVzip's prefill runs the model itself (it is not replayed: the runner gives it its own prefill).
+# KVzip's repetition request needs a real tokenizer: its replays are tested in test_kvzip.py.
 REPLAYED = [method for method in METHODS if method != "kvzip"]
 
 

@@ -148,6 +148,7 @@ class RecordedPrefill:
     layers: list[PrefillInputs]
     logits: torch.Tensor  # [B, 1, vocab]
     seconds: float
+    input_ids: torch.Tensor  # [B, S]
 
     @classmethod
     @torch.no_grad()
@@ -160,12 +161,15 @@ class RecordedPrefill:
             start = time.perf_counter()
             logits = Decoder.prefill(model, prompts, cache).logits
             synchronize()
-        return cls(cache.recorded_prefill, logits, time.perf_counter() - start)
+        return cls(cache.recorded_prefill, logits, time.perf_counter() - start, prompts.input_ids)
 
-    def replay(self, cache) -> None:
-        """Fills an empty cache as its own prefill would: a CompressedCache through its press (attached), transformers'
+    def replay(self, model: PreTrainedModel, cache) -> None:
+        """Fills an empty cache as its own prefill would: a CompressedCache through its press (attached), after the
+        press's prompt state (`Press.prompt_state`: KVzip's reconstruction, in the cell's prefill time), transformers'
         caches with every layer's keys and values (its sliding layers keep their window, as in a prefill)."""
         if isinstance(cache, CompressedCache):
+            first = self.layers[0]
+            cache.press_state.update(cache.press.prompt_state(model, self.input_ids, first.is_real, first.modality))
             cache.replay_prefill(self.layers)
             return
         for inputs in self.layers:
@@ -248,9 +252,8 @@ def measure(
     that many more steps (`count_decode`), untimed: the timed steps were their warm-up, and the cache sizes are taken
     before them. `compile`: the decoding steps run a torch.compile'd forward (the prefill does not); with
     `press=None` that is transformers' StaticCache + compile. Compilation happens in the first steps: `warmup` must
-    cover them (the median is taken after it). `recorded`: these prompts' prefill, replayed instead of run (not for a
-    press that runs the model in its prefill, KVzip: it prefills itself); the prefill time is then the recorded
-    forward's plus this cell's replay.
+    cover them (the median is taken after it). `recorded`: these prompts' prefill, replayed instead of run; the
+    prefill time is then the recorded forward's plus this cell's replay.
     """
     prompts = Prompts.of(prompts)
     cache = make_cache(model, press, prompts.context, decode_tokens + count_steps + 1, compile)
@@ -267,7 +270,7 @@ def measure(
         if recorded is None:
             decoder = Decoder.prefill(model, prompts, cache)
         else:
-            recorded.replay(cache)
+            recorded.replay(model, cache)
             decoder = Decoder(model, cache, recorded.logits, prompts.attention_mask)
         synchronize()
         prefill = time.perf_counter() - start + (0.0 if recorded is None else recorded.seconds)
@@ -336,7 +339,7 @@ def run_grid(
     of each cell (not timed: the warm-up is widened to cover them).
 
     `share_prefill`: each (context, batch)'s prompts, and the floor's, are prefilled once and replayed into every
-    cell's cache (`RecordedPrefill`; KVzip still prefills itself).
+    cell's cache (`RecordedPrefill`).
     """
     rows = []
     for context in contexts:
@@ -354,8 +357,6 @@ def run_grid(
                 for key, press, (tokens, recorded), compiled in cells:
                     count = count_steps if round_ == 0 and key != "floor" else 0
                     warmup = COMPILE_WARMUP if compiled else 2
-                    if press is not None and not press.replays_prefill:
-                        recorded = None  # KVzip runs the model in its prefill
                     run = measure(model, press, tokens, decode_tokens + warmup - 2, warmup, count, compiled, recorded)
                     runs.setdefault(key, []).append(run)
                     if on_run is not None:

@@ -351,8 +351,9 @@ class CompressedCache(Cache):
         (`record_prefill=True`): each layer's prefill inputs are handed to the press in layer order, as the attention
         function would hand them, without running the model again. Exact, because a layer's prefill output never
         depends on the press (prefill attention is over the whole prompt; the press only chooses what is stored), so
-        the recorded inputs are the ones this press would see in its own prefill. Not for a press whose prefill runs
-        the model itself (KVzip). Run it where the press is attached or `using` the model, as a prefill would be."""
+        the recorded inputs are the ones this press would see in its own prefill. A press that needs more than a layer's
+        inputs (KVzip's scores) finds its `Press.prompt_state` in `press_state`, put there first by the caller
+        (`SharedPrefill.replay`). Run it where the press is attached or `using` the model, as a prefill would be."""
         if self.layers:
             raise ValueError("a prefill is replayed into an empty cache")
         self.modality, self.patches = recorded[0].modality, recorded[0].patches

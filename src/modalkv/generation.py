@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers import (
@@ -57,11 +57,33 @@ class SharedPrefill:
     layers: list[PrefillInputs]
     first_logits: torch.Tensor  # [B, vocab]
     row_seconds: list[float]  # per row: the model's forward over that prompt alone
+    input_ids: torch.Tensor | None = None  # [B, S] the prompts' token ids (None: they came as embeddings)
+    # press label -> (its `Press.prompt_state`, the seconds it took): made by the first budget that needs it
+    prompt_states: dict[str, tuple[dict, float]] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
         """The model's forward over the prompt (a batch: over each of its prompts, summed)."""
         return sum(self.row_seconds)
+
+    def replay(self, model: PreTrainedModel, press: Press) -> tuple[CompressedCache, float]:
+        """A new cache of `press` filled with what it keeps of this prefill (call it where the press is attached or
+        `using` the model), and the seconds of the press's own work: its prompt state (`Press.prompt_state`, e.g.
+        KVzip's reconstruction: made once per press setting, its seconds counted for every budget that uses it) and
+        its choice of tokens."""
+        start = time.perf_counter()
+        cache = CompressedCache(press)
+        first = self.layers[0]
+        made_before = 0.0
+        if press.label() in self.prompt_states:
+            state, made_before = self.prompt_states[press.label()]
+        else:
+            state = press.prompt_state(model, self.input_ids, first.is_real, first.modality)
+            if state:  # empty where the budget keeps every token: another budget may need it
+                self.prompt_states[press.label()] = (state, time.perf_counter() - start)
+        cache.press_state.update(state)
+        cache.replay_prefill(self.layers)
+        return cache, time.perf_counter() - start + made_before
 
     def row(self, index: int) -> SharedPrefill:
         """The `index`-th prompt's own recorded prefill, its padding cut off: exactly what `share_prefill` records
@@ -83,7 +105,8 @@ class SharedPrefill:
             )
             for layer in self.layers
         ]
-        return SharedPrefill(layers, self.first_logits[index : index + 1], [self.row_seconds[index]])
+        ids = None if self.input_ids is None else self.input_ids[index : index + 1, padding:].contiguous()
+        return SharedPrefill(layers, self.first_logits[index : index + 1], [self.row_seconds[index]], ids)
 
 
 # Settings of a generation config that change which token greedy decoding picks from the logits. With none of them
@@ -134,7 +157,7 @@ def share_prefill(
             logits.append(recorded.first_logits)
             seconds.append(recorded.seconds)
             del recorded  # freed before the next prompt is recorded
-        return SharedPrefill(layers, torch.cat(logits), seconds)
+        return SharedPrefill(layers, torch.cat(logits), seconds, ids)
     return _record_prefill(model, inputs, modality, patches)
 
 
@@ -152,7 +175,7 @@ def _record_prefill(
         start = time.perf_counter()
         logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
         seconds = time.perf_counter() - start
-    return SharedPrefill(cache.recorded_prefill, logits, [seconds])
+    return SharedPrefill(cache.recorded_prefill, logits, [seconds], inputs.get("input_ids"))
 
 
 @torch.no_grad()
@@ -165,17 +188,17 @@ def prefill_cache(
     shared: SharedPrefill | None = None,
 ) -> tuple[CompressedCache, torch.Tensor, float, bool]:
     """A prompt prefilled into a new cache of `press` (attached to `model` by the caller): replayed from `shared`
-    where the press allows, else the model's own prefill on `inputs` (its keyword inputs, without the maps).
+    when given (`SharedPrefill.replay`), else the model's own prefill on `inputs` (its keyword inputs, without the
+    maps).
 
     Returns:
         (the cache, the last position's logits [B, vocab], the prefill's seconds (a replay counts the recorded
         forward's), whether it was replayed).
     """
+    if shared is not None:
+        cache, seconds = shared.replay(model, press)
+        return cache, shared.first_logits, shared.seconds + seconds, True
     start = time.perf_counter()
-    if shared is not None and press.replays_prefill:
-        cache = CompressedCache(press)
-        cache.replay_prefill(shared.layers)
-        return cache, shared.first_logits, shared.seconds + time.perf_counter() - start, True
     cache = CompressedCache(press, modality=modality, patches=patches)
     logits = model(**inputs, **{CACHE_KWARG: cache}, logits_to_keep=1).logits[:, -1]
     return cache, logits, time.perf_counter() - start, False
@@ -245,10 +268,9 @@ def generate_timed(
     prompt's modality map (default: from the model's image/video token ids). `compile`: decode compiled (the
     median step time then excludes the compilation, paid by the first steps, when enough tokens follow).
     `shared`: this prompt's recorded prefill (`share_prefill`), replayed instead of running the model's prefill again
-    (ignored for a press that cannot replay one: `Press.replays_prefill`); the prefill time is then the shared
-    forward's plus the press's own compression."""
+    (`SharedPrefill.replay`); the prefill time is then the shared forward's plus the press's own work on it."""
     continues = set(inputs) <= {"input_ids", "attention_mask"}  # generate() goes on from token ids
-    if shared is not None and press.replays_prefill and not compile and continues:
+    if shared is not None and not compile and continues:
         (result,) = generate_shared(model, tokenizer, press, inputs, max_new_tokens, min_new_tokens, shared)
         return result
     cache = compiled_cache(press, max_new_tokens) if compile else CompressedCache(press)
@@ -290,10 +312,7 @@ def generate_shared(
     Rows are independent only for presses whose choices for a row do not depend on the others (`batch_invariant`).
     """
     with press.using(model), torch.no_grad():
-        start = time.perf_counter()
-        cache = CompressedCache(press)
-        cache.replay_prefill(shared.layers)
-        compress_seconds = time.perf_counter() - start
+        cache, compress_seconds = shared.replay(model, press)
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask", torch.ones_like(ids))
     eos = model.generation_config.eos_token_id

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from modalkv.api import check_prompt_length
 from modalkv.compat import CACHE_KWARG
-from modalkv.eval.tasks import Example, Latest, Outcome, decodes_together, tokenizer_of
+from modalkv.eval.tasks import Example, Latest, Outcome, tokenizer_of
 from modalkv.generation import SharedPrefill, prefill_cache, share_prefill
 from modalkv.presses import Press
 
@@ -62,10 +62,10 @@ class TeacherForcedTask:
         self, model: PreTrainedModel, processor: Any, press: Press, examples: list[Example]
     ) -> list[Outcome] | None:
         """`examples` fed together on one shared prefill: each Outcome is the one `evaluate` gives that example alone,
-        with the batch's timings. None where they cannot be fed together: a press whose rows depend on each other or
-        whose prefill cannot be replayed, or examples of different prompt or continuation lengths (no padding)."""
+        with the batch's timings. None where they cannot be fed together: a press whose rows depend on each other
+        (`Press.batch_invariant`), or examples of different prompt or continuation lengths (no padding)."""
         shapes = {(len(self._tokens[e.id].ids), self._tokens[e.id].prompt_tokens) for e in examples}
-        if not decodes_together(press) or len(shapes) != 1:
+        if not press.batch_invariant or len(shapes) != 1:
             return None
         return self._forced(model, processor, press, examples)
 

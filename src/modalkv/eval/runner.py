@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from modalkv.eval.tasks import Example, Failure, Outcome, Task, decodes_together, task_options
+from modalkv.eval.tasks import Example, Failure, Outcome, Task, task_options
 from modalkv.presses import METHODS, Press, get_press, parse_method
 
 RECORDS = "records.rank{rank}.jsonl"
@@ -136,7 +136,7 @@ def pending(
 
 def batchable(task: Task, press: Press) -> bool:
     """Whether `task` can run examples together with `press` (`evaluate_batch` may still decline a batch)."""
-    return hasattr(task, "evaluate_batch") and decodes_together(press)
+    return hasattr(task, "evaluate_batch") and press.batch_invariant
 
 
 def evaluate(model: Any, processor: Any, item: WorkItem, rank: int) -> list[dict | Failure]:

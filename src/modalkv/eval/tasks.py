@@ -148,9 +148,9 @@ class GenerationTask:
     ) -> list[Outcome] | None:
         """`examples` decoded together, left-padded, on one shared prefill (`generate_shared`): each Outcome is the
         one `evaluate` gives that example alone, with the batch's timings. None where they cannot be decoded together:
-        a press whose rows depend on each other or whose prefill cannot be replayed, images given through a
-        processor, or examples asking for different answer lengths."""
-        if not decodes_together(press):
+        a press whose rows depend on each other (`Press.batch_invariant`), images given through a processor, or
+        examples asking for different answer lengths."""
+        if not press.batch_invariant:
             return None
         if len({example.max_new_tokens for example in examples}) != 1:
             return None
@@ -198,12 +198,6 @@ class GenerationTask:
         if row is not None:
             return self._shared_prefill.value.row(row)  # a copy of one row: cheap beside a prefill
         return self._shared_prefill.get(key, lambda: share_prefill(model, inputs))
-
-
-def decodes_together(press: Press) -> bool:
-    """Whether `press` decodes a batch on one shared prefill as each row alone: its rows are independent and its
-    prefill can be replayed."""
-    return press.batch_invariant and press.replays_prefill
 
 
 def left_padded(prompts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -62,7 +62,6 @@ class Press:
     name: ClassVar[str] = ""
     needs_decode_attention: ClassVar[bool] = False  # observe() / decode_scores() read DecodeView.attention
     absorbs_leaving: ClassVar[bool] = False  # absorb() sees each token leaving while decoding
-    replays_prefill: ClassVar[bool] = True  # select() needs only its inputs (a recorded prefill can be replayed)
     batch_invariant: ClassVar[bool] = True  # a batch row keeps what it would keep alone (not so for random draws)
     keeps_running_scores: ClassVar[bool] = False  # score() is also the running score stored per token ("scores")
     decode_fill: ClassVar[dict[str, float]] = {}  # per-slot data of decoded tokens other than 0 (Selection.slot_data)
@@ -145,6 +144,20 @@ class Press:
         beyond = torch.arange(top.shape[-1], device=top.device) >= kept[..., None]
         indices = top.masked_fill(beyond, seq).sort(dim=-1).values.clamp(max=seq - 1)
         return Selection(indices, kept, {} if running is None else {"scores": running})
+
+    def prompt_state(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor | None,
+        is_real: torch.Tensor,
+        modality: torch.Tensor | None,
+    ) -> dict:
+        """What `select()` needs beyond one layer's inputs, made from the model and the whole prompt before the prefill
+        (KVzip: its reconstruction scores), for the cache's press state. input_ids, is_real, modality: [B, S] (ids
+        None where the prompt came as embeddings). Whatever the budget, it is the same or empty (a budget that keeps
+        every token needs nothing), so a replayed prefill makes it once for every budget (`SharedPrefill.replay`).
+        Default: nothing."""
+        return {}
 
     def using(self, model: PreTrainedModel) -> AbstractContextManager[None]:
         """What the press needs from `model` while attached, entered by `attach` and `generate` for their block
@@ -232,10 +245,6 @@ class WrapperPress(Press):
         return self.press.using(model)
 
     # A wrapper only counts per head or chunk, row by row: what its inner press cannot do, it cannot either.
-    @property
-    def replays_prefill(self) -> bool:
-        return self.press.replays_prefill
-
     @property
     def batch_invariant(self) -> bool:
         return self.press.batch_invariant

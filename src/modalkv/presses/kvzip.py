@@ -5,9 +5,10 @@ Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruct
 
 How it fits the engine: the engine compresses each layer inside the prefill, but a token's KVzip score needs the
 attention of *later* tokens (the repetition) at every layer, so the scores come first, from a reconstruction pass
-(`reconstruction.py`), and the prefill then keeps what they choose. The pass runs from a forward pre-hook that
-`using()` installs on the model for the block of `attach()` and `generate()`: when a forward starts a prefill on a
-`CompressedCache` of this press, the hook scores the prompt and leaves the scores in the cache's press state.
+(`reconstruction.py`), and the prefill then keeps what they choose. The scores are the press's `prompt_state`: a
+forward pre-hook that `using()` installs on the model for the block of `attach()` and `generate()` makes them when a
+forward starts a prefill on a `CompressedCache` of this press; a replayed prefill (`SharedPrefill.replay`) makes them
+once for every budget, since they do not depend on it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class KVzipPress(Press):
     chunk_size: int = 2048
     tokenizer: str | None = None
     name = "kvzip"
-    replays_prefill = False  # its scores come from a reconstruction pass that the prefill's forward starts
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,18 +75,29 @@ class KVzipPress(Press):
         if cache is None or cache.press is not self or cache.get_seq_length() > 0:
             return  # not a prefill of ours (e.g. the reconstruction's own forwards)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            raise ValueError("kvzip repeats the prompt's tokens: give input_ids, not inputs_embeds")
         mask = kwargs.get("attention_mask")
-        is_real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        shape = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[:2]
+        is_real = torch.ones(shape, dtype=torch.bool, device=model.device) if mask is None else mask.bool()
+        cache.press_state.update(self.prompt_state(model, input_ids, is_real, cache.modality))
+
+    def prompt_state(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor | None,
+        is_real: torch.Tensor,
+        modality: torch.Tensor | None,
+    ) -> dict:
+        """{"kvzip": [L, B, H_kv, S] scores} from the reconstruction pass; {} when the budget keeps every token."""
         if keeps_everything(self.budget, is_real):
-            return
-        modality = cache.modality if cache.modality is not None else modality_from_input_ids(model.config, input_ids)
+            return {}
+        if modality is None and input_ids is not None:
+            modality = modality_from_input_ids(model.config, input_ids)
         if modality is not None and bool((modality != TEXT).any()):
             raise ValueError("kvzip reconstructs the context as text: prompts with image or video tokens are refused")
+        if input_ids is None:
+            raise ValueError("kvzip repeats the prompt's tokens: give input_ids, not inputs_embeds")
         prompt = reconstruction_prompt(self.tokenizer or model.config.name_or_path)
-        scores = reconstruction_scores(model, input_ids, is_real, prompt, self.n_sink, self.chunk_size)
-        cache.press_state["kvzip"] = scores
+        return {"kvzip": reconstruction_scores(model, input_ids, is_real, prompt, self.n_sink, self.chunk_size)}
 
     def select(self, inputs: PrefillInputs) -> Selection:
         if keeps_everything(self.budget, inputs.is_real):

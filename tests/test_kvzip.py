@@ -142,11 +142,19 @@ def test_budgets_replaying_one_prefill_share_one_reconstruction(model, monkeypat
             assert (result.cache_bytes, result.full_cache_bytes) == (alone.cache_bytes, alone.full_cache_bytes)
 
 
-def test_a_benchmark_replay_keeps_what_the_press_own_prefill_keeps(model, prompt):
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_replays_keep_what_the_press_own_prefill_keeps(model, prompt, name):
+    """The benchmark's and the evaluation's replays (`RecordedPrefill`, `SharedPrefill`), on a hybrid model too."""
+    if name == "gemma3_text":
+        from test_hybrid import build
+
+        model = build(name)
     press = get_press("kvzip", budget=0.3)
     recorded = RecordedPrefill.run(model, Prompts(prompt, torch.ones_like(prompt)))
+    shared = share_prefill(model, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
     own, replayed = CompressedCache(press), CompressedCache(press)
     with press.attach(model), torch.no_grad():
         model(prompt, **{CACHE_KWARG: own}, use_cache=True)
         recorded.replay(model, replayed)
-    assert replayed.kept_positions() == own.kept_positions()
+        evaluated, _ = shared.replay(model, press)
+    assert replayed.kept_positions() == evaluated.kept_positions() == own.kept_positions()

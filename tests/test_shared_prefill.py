@@ -74,7 +74,13 @@ def test_a_prompt_that_cannot_be_replayed_exactly_is_not_shared(model):
     assert share_prefill(model, one) is not None
 
 
-def test_a_row_of_a_batch_prefill_is_that_prompt_own_recorded_prefill(model):
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_a_row_of_a_batch_prefill_is_that_prompt_own_recorded_prefill(model, name):
+    """On a hybrid model too, whose sliding layers' inputs mark only their window as real."""
+    if name == "gemma3_text":
+        from test_hybrid import build
+
+        model = build(name)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 128, (1, n), generator=gen) for n in (40, 27)]
     ids, mask = torch.zeros(2, 40, dtype=torch.long), torch.zeros(2, 40, dtype=torch.long)
@@ -86,10 +92,11 @@ def test_a_row_of_a_batch_prefill_is_that_prompt_own_recorded_prefill(model):
         row = batch.row(index)
         torch.testing.assert_close(row.first_logits, own.first_logits, rtol=0, atol=0)
         assert row.seconds == batch.row_seconds[index] and len(row.layers) == len(own.layers)
+        torch.testing.assert_close(row.is_real, own.is_real, rtol=0, atol=0)
         for mine, theirs in zip(row.layers, own.layers, strict=True):
-            for name in ("queries", "keys", "values", "is_real"):
-                torch.testing.assert_close(getattr(mine, name), getattr(theirs, name), rtol=0, atol=0)
-                assert getattr(mine, name).is_contiguous()
+            for attribute in ("queries", "keys", "values", "is_real"):
+                torch.testing.assert_close(getattr(mine, attribute), getattr(theirs, attribute), rtol=0, atol=0)
+                assert getattr(mine, attribute).is_contiguous()
 
 
 BATCH_INVARIANT = [method for method in REPLAYED if get_press(method).batch_invariant]

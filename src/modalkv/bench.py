@@ -148,7 +148,7 @@ class RecordedPrefill:
     layers: list[PrefillInputs]
     logits: torch.Tensor  # [B, 1, vocab]
     seconds: float
-    input_ids: torch.Tensor  # [B, S]
+    prompts: Prompts
 
     @classmethod
     @torch.no_grad()
@@ -161,15 +161,16 @@ class RecordedPrefill:
             start = time.perf_counter()
             logits = Decoder.prefill(model, prompts, cache).logits
             synchronize()
-        return cls(cache.recorded_prefill, logits, time.perf_counter() - start, prompts.input_ids)
+        return cls(cache.recorded_prefill, logits, time.perf_counter() - start, prompts)
 
     def replay(self, model: PreTrainedModel, cache) -> None:
         """Fills an empty cache as its own prefill would: a CompressedCache through its press (attached), after the
         press's prompt state (`Press.prompt_state`: KVzip's reconstruction, in the cell's prefill time), transformers'
         caches with every layer's keys and values (its sliding layers keep their window, as in a prefill)."""
         if isinstance(cache, CompressedCache):
-            first = self.layers[0]
-            cache.press_state.update(cache.press.prompt_state(model, self.input_ids, first.is_real, first.modality))
+            ids, mask = self.prompts
+            is_real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            cache.press_state.update(cache.press.prompt_state(model, ids, is_real, None))
             cache.replay_prefill(self.layers)
             return
         for inputs in self.layers:

@@ -57,6 +57,7 @@ class SharedPrefill:
     layers: list[PrefillInputs]
     first_logits: torch.Tensor  # [B, vocab]
     row_seconds: list[float]  # per row: the model's forward over that prompt alone
+    is_real: torch.Tensor  # [B, S] the prompts' tokens, not padding (a sliding layer's inputs mark only its window)
     input_ids: torch.Tensor | None = None  # [B, S] the prompts' token ids (None: they came as embeddings)
     # press label -> (its `Press.prompt_state`, the seconds it took): made by the first budget that needs it
     prompt_states: dict[str, tuple[dict, float]] = field(default_factory=dict)
@@ -73,12 +74,11 @@ class SharedPrefill:
         its choice of tokens."""
         start = time.perf_counter()
         cache = CompressedCache(press)
-        first = self.layers[0]
         made_before = 0.0
         if press.label() in self.prompt_states:
             state, made_before = self.prompt_states[press.label()]
         else:
-            state = press.prompt_state(model, self.input_ids, first.is_real, first.modality)
+            state = press.prompt_state(model, self.input_ids, self.is_real, self.layers[0].modality)
             if state:  # empty where the budget keeps every token: another budget may need it
                 self.prompt_states[press.label()] = (state, time.perf_counter() - start)
         cache.press_state.update(state)
@@ -89,7 +89,7 @@ class SharedPrefill:
         """The `index`-th prompt's own recorded prefill, its padding cut off: exactly what `share_prefill` records
         for that prompt alone (a batch, of token ids only, records each prompt alone, then pads), so a press that
         cannot decode rows together runs on its batch's prefill instead of a forward of its own."""
-        padding = int((~self.layers[0].is_real[index]).sum())
+        padding = int((~self.is_real[index]).sum())
 
         def cut(tensor: torch.Tensor) -> torch.Tensor:  # contiguous, as the prompt's own recording is
             return tensor[index : index + 1, :, padding:].contiguous()
@@ -105,8 +105,9 @@ class SharedPrefill:
             )
             for layer in self.layers
         ]
+        is_real = self.is_real[index : index + 1, padding:].contiguous()
         ids = None if self.input_ids is None else self.input_ids[index : index + 1, padding:].contiguous()
-        return SharedPrefill(layers, self.first_logits[index : index + 1], [self.row_seconds[index]], ids)
+        return SharedPrefill(layers, self.first_logits[index : index + 1], [self.row_seconds[index]], is_real, ids)
 
 
 # Settings of a generation config that change which token greedy decoding picks from the logits. With none of them
@@ -157,7 +158,7 @@ def share_prefill(
             logits.append(recorded.first_logits)
             seconds.append(recorded.seconds)
             del recorded  # freed before the next prompt is recorded
-        return SharedPrefill(layers, torch.cat(logits), seconds, ids)
+        return SharedPrefill(layers, torch.cat(logits), seconds, mask, ids)
     return _record_prefill(model, inputs, modality, patches)
 
 
@@ -175,7 +176,13 @@ def _record_prefill(
         start = time.perf_counter()
         logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
         seconds = time.perf_counter() - start
-    return SharedPrefill(cache.recorded_prefill, logits, [seconds], inputs.get("input_ids"))
+    shape = cache.recorded_prefill[0].is_real.shape  # [B, S]
+    mask = inputs.get("attention_mask", torch.ones(shape, dtype=torch.bool, device=logits.device))
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"the attention mask is {tuple(mask.shape)} but the prompt's prefill has {tuple(shape)} tokens"
+        )
+    return SharedPrefill(cache.recorded_prefill, logits, [seconds], mask.bool(), inputs.get("input_ids"))
 
 
 @torch.no_grad()

@@ -285,6 +285,21 @@ def test_the_table_adds_the_global_layers_ratio_only_for_hybrid_models():
         assert report.table(report.summarize(records))[0][2:4] == ["cache", "passkey (n=1)"]
 
 
+def test_the_average_is_over_whole_columns_only():
+    """A row with a partial column (a run stopped early) gets no average: its few examples would count as a column."""
+
+    def record(method: str, task: str, example: int, score: float) -> dict:
+        return dict(task=task, example=str(example), method=method, budget=0.2, score=score, metrics={})
+
+    full = [record("full", task, i, 1.0) for task in ("a", "b") for i in range(4)]
+    whole = [record("snapkv", task, i, float(i % 2)) for task in ("a", "b") for i in range(4)]
+    partial = [record("knorm", "a", i, 1.0) for i in range(4)] + [record("knorm", "b", 0, 0.0)]
+    summary = report.summarize([{**r, "in_average": True, "cache_ratio": 0.2} for r in full + whole + partial])
+    averages = {row.method: row.average for row in summary.rows}
+    assert averages == {"full": 1.0, "snapkv": 0.5, "knorm": None}
+    assert report.table(summary)[1][2][-2:] == ["0.0 [0-79] (1/4)", "-"]
+
+
 def test_presses_of_a_grid():
     presses = runner.make_presses(["full", "snapkv", "random", "streaming_llm"], [0.1, 0.5], {"window_size": 8})
     labels = [(p.label(), p.budget) for p in presses]

@@ -90,13 +90,16 @@ def summarize(records: list[dict], failures: list[dict] | None = None) -> Summar
         row.cache_ratio = statistics.mean(ratios) if ratios else None
         global_ratios = [r["global_cache_ratio"] for r in mine if r.get("global_cache_ratio") is not None]
         row.global_cache_ratio = statistics.mean(global_ratios) if global_ratios else None
-        if averaged and all(t in row.scores for t in averaged):
-            row.average = statistics.mean(row.scores[t] for t in averaged)
-            groups = [[r["score"] for r in mine if r["column"] == t] for t in averaged]
-            row.average_interval = average_interval(groups)
         paired[method, budget] = {(r["column"], r["example"]): r["score"] for r in mine if r["column"] in averaged}
         metric_names += [m for m in row.metrics if m not in metric_names]
         rows.append(row)
+    # Averaged only over whole columns: a partial one (a run stopped early) would weigh its few examples as a column.
+    most = {t: max(row.counts.get(t, 0) for row in rows) for t in averaged}
+    for row in rows:
+        if averaged and all(row.counts.get(t) == most[t] for t in averaged):
+            row.average = statistics.mean(row.scores[t] for t in averaged)
+            scores = paired[row.method, row.budget]
+            row.average_interval = average_interval([[v for (c, _), v in scores.items() if c == t] for t in averaged])
     comparisons = []
     for method, budget in keys:
         references = [("full", 1.0), ("snapkv", budget)] if method != "snapkv" else [("full", 1.0)]
@@ -361,7 +364,7 @@ def markdown(summary: Summary, run_dir: Path, figures: list[Path], page: Path) -
         "sliding-window layers: the same over its global layers, where the budget applies. Brackets: the 95% "
         "interval (Wilson for 0/1 scores, over all the examples for the average; else a percentile bootstrap that, for "
         "the average, resamples each column). A cell "
-        "with fewer examples than its column says how many.",
+        "with fewer examples than its column says how many; a row with such a cell has no average.",
         "",
         "Prompt tokens per column (shortest-longest): "
         + "; ".join(f"{t} {low:,}-{high:,}" for t, (low, high) in summary.prompt_tokens.items())

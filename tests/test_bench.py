@@ -259,12 +259,13 @@ def test_the_baseline_of_a_hybrid_model_is_transformers_own_cache():
 @pytest.mark.parametrize("hybrid", [False, True], ids=["llama", "gemma3_text"])
 def test_a_recorded_prefill_fills_each_cache_as_its_own_prefill_would(model, hybrid):
     """Replayed into transformers' DynamicCache (sliding layers: their window) or a CompressedCache, a recorded
-    prefill leaves the same tokens and next logits as the cache's own prefill: the shared-prefill grid times the same
-    decoding steps."""
+    prefill of a left-padded batch leaves the same tokens and next logits as the cache's own prefill of that batch:
+    the shared-prefill grid times the same decoding steps."""
     from transformers import DynamicCache
 
-    from modalkv.bench import Decoder, RecordedPrefill
+    from modalkv.bench import Decoder
     from modalkv.cache import CompressedCache
+    from modalkv.generation import record_prefill
 
     if hybrid:
         from test_hybrid import build
@@ -274,12 +275,12 @@ def test_a_recorded_prefill_fills_each_cache_as_its_own_prefill_would(model, hyb
     mask = torch.ones_like(ids)
     mask[1, :16] = 0
     prompts = Prompts(ids, mask)
-    recorded = RecordedPrefill.run(model, prompts)
+    recorded = record_prefill(model, {"input_ids": ids, "attention_mask": mask})
     own, replayed = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
         logits = Decoder.prefill(model, prompts, own).logits
-    recorded.replay(model, replayed)
-    torch.testing.assert_close(recorded.logits, logits)
+    recorded.fill(replayed)
+    torch.testing.assert_close(recorded.first_logits[:, None], logits)
     for mine, theirs in zip(replayed.layers, own.layers, strict=True):
         torch.testing.assert_close(mine.keys, theirs.keys)
         torch.testing.assert_close(mine.values, theirs.values)
@@ -287,7 +288,7 @@ def test_a_recorded_prefill_fills_each_cache_as_its_own_prefill_would(model, hyb
     own, replayed = CompressedCache(press), CompressedCache(press)
     with press.attach(model), torch.no_grad():
         Decoder.prefill(model, prompts, own)
-        recorded.replay(model, replayed)
+        recorded.replay(model, press, replayed)
     assert replayed.kept_positions() == own.kept_positions()
 
 

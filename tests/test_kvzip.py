@@ -8,7 +8,6 @@ from eval_tiny import tiny_tokenizer
 from transformers import DynamicCache
 
 from modalkv import CompressedCache, api, get_press
-from modalkv.bench import Prompts, RecordedPrefill
 from modalkv.compat import CACHE_KWARG
 from modalkv.generation import generate_shared, generate_timed, share_prefill
 from modalkv.modality import IMAGE
@@ -144,17 +143,17 @@ def test_budgets_replaying_one_prefill_share_one_reconstruction(model, monkeypat
 
 @pytest.mark.parametrize("name", ["llama", "gemma3_text"])
 def test_replays_keep_what_the_press_own_prefill_keeps(model, prompt, name):
-    """The benchmark's and the evaluation's replays (`RecordedPrefill`, `SharedPrefill`), on a hybrid model too."""
+    """A recorded prefill replayed into the benchmark's cache and into a new one (the evaluation's), on a hybrid model
+    too."""
     if name == "gemma3_text":
         from test_hybrid import build
 
         model = build(name)
     press = get_press("kvzip", budget=0.3)
-    recorded = RecordedPrefill.run(model, Prompts(prompt, torch.ones_like(prompt)))
     shared = share_prefill(model, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
     own, replayed = CompressedCache(press), CompressedCache(press)
     with press.attach(model), torch.no_grad():
         model(prompt, **{CACHE_KWARG: own}, use_cache=True)
-        recorded.replay(model, replayed)
+        shared.replay(model, press, replayed)
         evaluated, _ = shared.replay(model, press)
     assert replayed.kept_positions() == evaluated.kept_positions() == own.kept_positions()

@@ -8,9 +8,10 @@ per second. Peak memory and the largest batch under a memory limit are measured 
 `peak_memory.py`.
 
 With `share_prefill`, each (context, batch) is prefilled once and every cell replays that recorded prefill into its
-own cache (`RecordedPrefill`): a cell's decoding steps start from exactly the cache its own prefill would build, and a
-long-context grid pays one long forward instead of one per cell and round. Its prefill time is then the shared
-forward's plus the cell's own compression.
+own cache (`generation.record_prefill`, `SharedPrefill`): a cell's decoding steps start from exactly the cache its
+own prefill would build, and a long-context grid pays one long forward instead of one per cell and round. Its prefill
+time is then the shared forward's plus the cell's own work (its choice of tokens; a prompt state such as KVzip's
+reconstruction, made once for every budget and counted in each).
 
 What a GPU pays per decode step is also counted, on any device (`decode_dispatch`, `modalkv.profiling`): aten
 operations per layer and step (each at most one kernel launch) and host-device synchronisations per step.
@@ -32,8 +33,8 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from modalkv.api import compiled_cache
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
-from modalkv.policy import PrefillInputs
-from modalkv.presses import FullPress, Press
+from modalkv.generation import SharedPrefill, record_prefill
+from modalkv.presses import Press
 from modalkv.profiling import DispatchCounter
 
 FLOOR_CONTEXT = 256
@@ -105,7 +106,7 @@ class Run:
     syncs_per_step: float | None = None  # host syncs per decode step
     top_ops: dict[str, float] | None = None  # op name -> calls per step
     sync_sites: dict[str, float] | None = None  # "kind at file:line in function" -> syncs per step
-    shared_prefill: bool = False  # the cache was replayed from a `RecordedPrefill` (prefill_seconds: see there)
+    shared_prefill: bool = False  # the cache was replayed from a `SharedPrefill` (prefill_seconds: `measure`)
 
 
 @dataclass
@@ -140,41 +141,11 @@ class Decoder:
         self.logits = output.logits[:, -1:]
 
 
-@dataclass
-class RecordedPrefill:
-    """A batch's prefill, run once and replayed into each cell's cache: every layer's prefill inputs (exact, as
-    `CompressedCache.replay_prefill` says), the last position's logits and the forward's seconds."""
-
-    layers: list[PrefillInputs]
-    logits: torch.Tensor  # [B, 1, vocab]
-    seconds: float
-    prompts: Prompts
-
-    @classmethod
-    @torch.no_grad()
-    def run(cls, model: PreTrainedModel, prompts: Prompts) -> RecordedPrefill:
-        recorder = FullPress()
-        cache = CompressedCache(recorder, record_prefill=True)
-        synchronize = torch.cuda.synchronize if prompts.input_ids.is_cuda else lambda: None
-        with recorder.attach(model):
-            synchronize()
-            start = time.perf_counter()
-            logits = Decoder.prefill(model, prompts, cache).logits
-            synchronize()
-        return cls(cache.recorded_prefill, logits, time.perf_counter() - start, prompts)
-
-    def replay(self, model: PreTrainedModel, cache) -> None:
-        """Fills an empty cache as its own prefill would: a CompressedCache through its press (attached), after the
-        press's prompt state (`Press.prompt_state`: KVzip's reconstruction, in the cell's prefill time), transformers'
-        caches with every layer's keys and values (its sliding layers keep their window, as in a prefill)."""
-        if isinstance(cache, CompressedCache):
-            ids, mask = self.prompts
-            is_real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            cache.press_state.update(cache.press.prompt_state(model, ids, is_real, None))
-            cache.replay_prefill(self.layers)
-            return
-        for inputs in self.layers:
-            cache.update(inputs.keys, inputs.values, inputs.layer_idx)
+def _record(model: PreTrainedModel, prompts: Prompts) -> SharedPrefill:
+    inputs = {"input_ids": prompts.input_ids}
+    if prompts.attention_mask is not None:
+        inputs["attention_mask"] = prompts.attention_mask
+    return record_prefill(model, inputs)
 
 
 def held_bytes(cache) -> tuple[int, int, int, int]:
@@ -245,7 +216,7 @@ def measure(
     warmup: int = 2,
     count_steps: int = 0,
     compile: bool = False,
-    recorded: RecordedPrefill | None = None,
+    recorded: SharedPrefill | None = None,
 ):
     """Greedy prefill + `decode_tokens` steps; `press=None` is transformers' own DynamicCache (the baseline).
 
@@ -253,8 +224,8 @@ def measure(
     that many more steps (`count_decode`), untimed: the timed steps were their warm-up, and the cache sizes are taken
     before them. `compile`: the decoding steps run a torch.compile'd forward (the prefill does not); with
     `press=None` that is transformers' StaticCache + compile. Compilation happens in the first steps: `warmup` must
-    cover them (the median is taken after it). `recorded`: these prompts' prefill, replayed instead of run; the
-    prefill time is then the recorded forward's plus this cell's replay.
+    cover them (the median is taken after it). `recorded`: these prompts' prefill (`generation.record_prefill`),
+    replayed instead of run; the prefill time is then the recorded forward's plus this cell's replay.
     """
     prompts = Prompts.of(prompts)
     cache = make_cache(model, press, prompts.context, decode_tokens + count_steps + 1, compile)
@@ -270,11 +241,17 @@ def measure(
         start = time.perf_counter()
         if recorded is None:
             decoder = Decoder.prefill(model, prompts, cache)
+            synchronize()
+            prefill = time.perf_counter() - start
         else:
-            recorded.replay(model, cache)
-            decoder = Decoder(model, cache, recorded.logits, prompts.attention_mask)
-        synchronize()
-        prefill = time.perf_counter() - start + (0.0 if recorded is None else recorded.seconds)
+            if press is None:
+                recorded.fill(cache)
+                synchronize()
+                own = time.perf_counter() - start
+            else:  # the press's own work, a prompt state made once for every budget included (`SharedPrefill.replay`)
+                own = recorded.replay(model, press, cache)[1]
+            decoder = Decoder(model, cache, recorded.first_logits[:, None], prompts.attention_mask)
+            prefill = recorded.seconds + own
         after_prefill = held_bytes(cache)
         decoder.model = forward
         steps = []
@@ -340,13 +317,13 @@ def run_grid(
     of each cell (not timed: the warm-up is widened to cover them).
 
     `share_prefill`: each (context, batch)'s prompts, and the floor's, are prefilled once and replayed into every
-    cell's cache (`RecordedPrefill`).
+    cell's cache (`generation.record_prefill`).
     """
     rows = []
     for context in contexts:
         for batch in batches:
             prompts, floor_prompts = (Prompts.of(prompts_of(n, batch)) for n in (context, FLOOR_CONTEXT))
-            record = RecordedPrefill.run if share_prefill else lambda model, prompts: None
+            record = _record if share_prefill else lambda model, prompts: None
             main, floor = (prompts, record(model, prompts)), (floor_prompts, record(model, floor_prompts))
             runs: dict[str, list[Run]] = {}
             for round_ in range(repeats):

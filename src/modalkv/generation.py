@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers import (
+    Cache,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
@@ -67,13 +69,17 @@ class SharedPrefill:
         """The model's forward over the prompt (a batch: over each of its prompts, summed)."""
         return sum(self.row_seconds)
 
-    def replay(self, model: PreTrainedModel, press: Press) -> tuple[CompressedCache, float]:
-        """A new cache of `press` filled with what it keeps of this prefill (call it where the press is attached or
-        `using` the model), and the seconds of the press's own work: its prompt state (`Press.prompt_state`, e.g.
-        KVzip's reconstruction: made once per press setting, its seconds counted for every budget that uses it) and
-        its choice of tokens."""
+    def replay(
+        self, model: PreTrainedModel, press: Press, cache: CompressedCache | None = None
+    ) -> tuple[CompressedCache, float]:
+        """`cache` (empty; default: a new `CompressedCache(press)`) filled with what `press` keeps of this prefill
+        (call it where the press is attached or `using` the model), and the seconds of the press's own work: its
+        prompt state (`Press.prompt_state`, e.g. KVzip's reconstruction: made once per press setting, its seconds
+        counted for every budget that uses it) and its choice of tokens."""
+        synchronize = _synchronizer(self.is_real.device)
+        synchronize()
         start = time.perf_counter()
-        cache = CompressedCache(press)
+        cache = CompressedCache(press) if cache is None else cache
         made_before = 0.0
         if press.label() in self.prompt_states:
             state, made_before = self.prompt_states[press.label()]
@@ -83,7 +89,14 @@ class SharedPrefill:
                 self.prompt_states[press.label()] = (state, time.perf_counter() - start)
         cache.press_state.update(state)
         cache.replay_prefill(self.layers)
+        synchronize()
         return cache, time.perf_counter() - start + made_before
+
+    def fill(self, cache: Cache) -> None:
+        """Fills transformers' own empty cache (DynamicCache, StaticCache) with every layer's keys and values, as its
+        prefill would (its sliding layers keep their window): the uncompressed baseline of a replayed grid."""
+        for inputs in self.layers:
+            cache.update(inputs.keys, inputs.values, inputs.layer_idx)
 
     def row(self, index: int) -> SharedPrefill:
         """The `index`-th prompt's own recorded prefill, its padding cut off: exactly what `share_prefill` records
@@ -134,12 +147,12 @@ def share_prefill(
 ) -> SharedPrefill | None:
     """The prefill of a prompt (`inputs`: the model's keyword inputs; `modality`, `patches`: its maps) or of a
     left-padded batch of token-id prompts, recorded for replay; None where replaying could differ from running each
-    press's own prefill: a generation config whose logits processors change greedy's first pick, or a batch of other
-    inputs than token ids.
+    press's own prefill in generate(): a generation config whose logits processors change greedy's first pick, or a
+    batch of other inputs than token ids.
 
     A batch is prefilled one prompt at a time, without its padding, and recorded left-padded (zeros, `is_real`
-    False): each row is then exactly its prompt's own prefill, and no [B, H, S, S] attention is ever formed (on a
-    CPU a batched prefill is no faster: it is compute-bound)."""
+    False): each row is then exactly its prompt's own prefill at generate()'s positions (from 0 after its padding),
+    and no [B, H, S, S] attention is ever formed (on a CPU a batched prefill is no faster: it is compute-bound)."""
     if any(getattr(model.generation_config, name, None) not in neutral for name, neutral in _LOGITS_SETTINGS.items()):
         return None
     ids = inputs.get("input_ids", inputs.get("inputs_embeds"))
@@ -150,7 +163,7 @@ def share_prefill(
         layers, logits, seconds = [], [], []
         for index, (row, real) in enumerate(zip(ids, mask, strict=True)):
             prompt = row[real][None]
-            recorded = _record_prefill(model, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
+            recorded = record_prefill(model, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
             if not layers:
                 layers = [_empty_batch(layer, len(ids), ids.shape[1]) for layer in recorded.layers]
             for batch, layer in zip(layers, recorded.layers, strict=True):
@@ -159,22 +172,33 @@ def share_prefill(
             seconds.append(recorded.seconds)
             del recorded  # freed before the next prompt is recorded
         return SharedPrefill(layers, torch.cat(logits), seconds, mask, ids)
-    return _record_prefill(model, inputs, modality, patches)
+    return record_prefill(model, inputs, modality, patches)
 
 
-def _record_prefill(
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued kernels (CUDA runs them asynchronously: a clock would measure their launch)."""
+    return torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+
+def record_prefill(
     model: PreTrainedModel,
     inputs: dict[str, torch.Tensor],
     modality: torch.Tensor | None = None,
     patches: torch.Tensor | None = None,
 ) -> SharedPrefill:
+    """One forward of `model` over `inputs` as given (a padded batch: in one forward, at the positions the model
+    derives itself, as the benchmark's own prefill runs it), recorded for replay. `share_prefill` says when a replay
+    equals generate()'s own prefill."""
     recorder = FullPress()
     cache = CompressedCache(recorder, modality=modality, patches=patches, record_prefill=True)
     # generate() computes the prefill's logits for the last token only where the model can: so do we (same rounding)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    synchronize = _synchronizer(model.device)
     with recorder.attach(model), torch.no_grad():
+        synchronize()
         start = time.perf_counter()
         logits = model(**inputs, **{CACHE_KWARG: cache}, **last_only).logits[:, -1]
+        synchronize()
         seconds = time.perf_counter() - start
     shape = cache.recorded_prefill[0].is_real.shape  # [B, S]
     mask = inputs.get("attention_mask", torch.ones(shape, dtype=torch.bool, device=logits.device))

@@ -33,7 +33,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from modalkv.api import compiled_cache
 from modalkv.cache import CompressedCache
 from modalkv.compat import CACHE_KWARG
-from modalkv.generation import SharedPrefill, record_prefill
+from modalkv.generation import SharedPrefill, record_prefill, synchronizer
 from modalkv.presses import Press
 from modalkv.profiling import DispatchCounter
 
@@ -233,8 +233,7 @@ def measure(
     if compile:
         torch._dynamo.reset()  # each cell compiles afresh: earlier cells' graphs would count against dynamo's limit
         forward = torch.compile(model, mode="reduce-overhead" if prompts.input_ids.is_cuda else "default")
-    # GPU kernels run asynchronously: wait for them, or the clock measures only their launch.
-    synchronize = torch.cuda.synchronize if prompts.input_ids.is_cuda else lambda: None
+    synchronize = synchronizer(prompts.input_ids.device)
     batch = prompts.batch
     with contextlib.nullcontext() if press is None else press.attach(model):
         synchronize()

@@ -76,7 +76,7 @@ class SharedPrefill:
         (call it where the press is attached or `using` the model), and the seconds of the press's own work: its
         prompt state (`Press.prompt_state`, e.g. KVzip's reconstruction: made once per press setting, its seconds
         counted for every budget that uses it) and its choice of tokens."""
-        synchronize = _synchronizer(self.is_real.device)
+        synchronize = synchronizer(self.is_real.device)
         synchronize()
         start = time.perf_counter()
         cache = CompressedCache(press) if cache is None else cache
@@ -175,7 +175,7 @@ def share_prefill(
     return record_prefill(model, inputs, modality, patches)
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
     """Waits for the device's queued kernels (CUDA runs them asynchronously: a clock would measure their launch)."""
     return torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
@@ -193,7 +193,7 @@ def record_prefill(
     cache = CompressedCache(recorder, modality=modality, patches=patches, record_prefill=True)
     # generate() computes the prefill's logits for the last token only where the model can: so do we (same rounding)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    synchronize = _synchronizer(model.device)
+    synchronize = synchronizer(model.device)
     with recorder.attach(model), torch.no_grad():
         synchronize()
         start = time.perf_counter()

@@ -7,7 +7,9 @@ resident memory at the start, in a fresh process per measurement (`python -m mod
 `measure_in_subprocess`): in a long-lived process freed memory stays with the allocator, so every run after the first
 would look cheaper. The subprocess fixes glibc's mmap threshold, so that large buffers come from and go back to the
 system as torch allocates and frees them, and the peak resident set follows the peak of live tensors. Weights and
-libraries are loaded before the start and are not in the figure.
+libraries are loaded before the start and are not in the figure. Measuring the same run again moves the CPU figure by
+about 0.1 MiB (the kernel's resident-set accounting, the allocator's placement): a batch whose peak is that close to a
+limit may not fit on a second try.
 
 A serving batch of N (`serving_peak`): `DISTINCT_PROMPTS` prompts are prefilled together and their rows repeated to N
 (a copy each: real memory; the copying itself is before the peak is reset), then one more prompt is prefilled while

@@ -31,6 +31,7 @@ BUDGET = 0.2  # both papers' headline budget (MadaKV: 20% of the cache; Retentiv
 # (run folder under docs/runs, what it stands for); the examples per column are read from the records
 RUNS = [
     ("minivlm-gemma3-haystack-1k", "Gemma 3 mini-VLM: long multimodal haystacks, 1k tokens"),
+    ("minivlm-gemma3-haystack-1k-n100", "Gemma 3 mini-VLM: long multimodal haystacks, 1k tokens"),
     ("minivlm-gemma3-haystack-2k", "Gemma 3 mini-VLM: long multimodal haystacks, 2k tokens"),
     ("minivlm-gemma3-haystack-2k-n100", "Gemma 3 mini-VLM: long multimodal haystacks, 2k tokens"),
     ("minivlm-gemma3-haystack-4k", "Gemma 3 mini-VLM: long multimodal haystacks, 4k tokens"),
@@ -285,6 +286,7 @@ def commands(runs: dict[str, list[dict]]) -> list[str]:
 def page() -> str:
     runs = {run: read_records(ROOT / "docs" / "runs" / run) for run, _ in RUNS}
     haystack_n = examples_per_column(runs["minivlm-gemma3-haystack-2k-n100"])
+    short_n = examples_per_column(runs["minivlm-gemma3-haystack-1k-n100"])
     deferred_n = examples_per_column(runs["smollm2-deferred"])
     out = [
         "# The papers' claims beside our measurements",
@@ -368,6 +370,11 @@ def page() -> str:
         "against entropy in the eviction score):",
         "",
         *ablations(runs["minivlm-gemma3-haystack-2k"], FAMILIES),
+        "",
+        f"At 1k tokens, {short_n} examples per family: MadaKV without HCC or without MPA (at 1k and 0.1 MadaKV loses",
+        "the keys it keeps at 2k-8k):",
+        "",
+        *ablations(runs["minivlm-gemma3-haystack-1k-n100"], FAMILIES),
         "",
         f"On {haystack_n} haystack examples per family (2k tokens): both defaults and RetentiveKV's attention-only",
         "setting, the one that differed most above; then RetentiveKV's read-out and attention-only setting on text",
